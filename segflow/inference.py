@@ -1,0 +1,201 @@
+"""The one inference path: preprocess -> model -> postprocess.
+
+evaluate, export's parity check, the CLI and the service all go through `Segmenter`, so
+what is measured is what is served. The model is anything that maps a (N, C, H, W)
+float32 batch to (N, K, H, W) float32 logits: a torch module or an ONNX Runtime session.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PREPROCESSING_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything needed to turn an image into model input and logits into a mask.
+
+    Saved as preprocessing.json beside model.onnx, and inside the torch checkpoint.
+    """
+
+    in_channels: int
+    mean: float
+    std: float
+    pad_multiple: int
+    threshold: float
+    classes: list[str] = field(default_factory=lambda: ["background", "cell"])
+    input_name: str = "image"
+    output_name: str = "logits"
+    version: int = PREPROCESSING_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        if data.get("version") != PREPROCESSING_VERSION:
+            raise ValueError(
+                f"preprocessing version {data.get('version')} is not supported "
+                f"(expected {PREPROCESSING_VERSION}); re-run `dvc repro export`"
+            )
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Preprocessing:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class Prediction:
+    """One image's result at its original size."""
+
+    logits: np.ndarray  # (H, W) float32, foreground logit
+    probability: np.ndarray  # (H, W) float32 in [0, 1]
+    mask: np.ndarray  # (H, W) uint8 class ids
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """Scale intensities to [0, 1] float32 by the dtype's range.
+
+    Raises:
+        ValueError: float input with NaN/inf, or an unsupported dtype.
+    """
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            raise ValueError("image contains NaN or infinite values")
+        return np.clip(image.astype(np.float32), 0.0, 1.0)
+    raise ValueError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float in [0, 1]")
+
+
+def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
+    """(H, W) or (H, W, C) -> (in_channels, H, W), converting gray <-> RGB as needed."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] == 4:
+        image = image[..., :3]
+    if image.shape[2] not in (1, 3):
+        raise ValueError(f"image has {image.shape[2]} channels; expected 1, 3 or 4")
+    if in_channels == 1 and image.shape[2] == 3:
+        image = image @ np.array([0.299, 0.587, 0.114], np.float32)
+        image = image[..., None]
+    elif in_channels == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def normalize(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Raw image -> (C, H, W) float32 model input at the original size (no padding)."""
+    chw = to_channels(to_unit_range(image), prep.in_channels)
+    return ((chw - prep.mean) / prep.std).astype(np.float32)
+
+
+def pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:
+    """Reflect-pad (C, H, W) on the bottom/right so H and W are multiples of `multiple`."""
+    _, h, w = chw.shape
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return chw
+    mode = "reflect" if ph < h and pw < w else "edge"  # reflect needs pad < size
+    return np.pad(chw, ((0, 0), (0, ph), (0, pw)), mode=mode)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free form
+
+
+class Segmenter:
+    """Segments images with any backend that maps (N, C, H, W) -> (N, K, H, W) logits."""
+
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, batch_size: int = 8):
+        self._run_batch = run_batch
+        self.prep = prep
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_torch(cls, model, prep: Preprocessing, batch_size: int = 8) -> Segmenter:
+        import torch
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            was_training = model.training
+            model.eval()
+            with torch.inference_mode():
+                out = model(torch.from_numpy(batch)).float().numpy()
+            model.train(was_training)
+            return out
+
+        return cls(run, prep, batch_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, batch_size: int = 8) -> Segmenter:
+        """Load a training checkpoint (artifacts/model/model.pt)."""
+        from segflow.training import load_checkpoint
+
+        model, prep = load_checkpoint(path)
+        return cls.from_torch(model, prep, batch_size)
+
+    @classmethod
+    def from_onnx(cls, model_path: str | Path, prep: Preprocessing | str | Path, threads: int = 0) -> Segmenter:
+        """Open an ONNX model with ONNX Runtime on the CPU.
+
+        Args:
+            model_path: model.onnx.
+            prep: a Preprocessing, or the path of its preprocessing.json.
+            threads: intra-op threads; 0 lets ONNX Runtime decide.
+        """
+        import onnxruntime as ort
+
+        if not isinstance(prep, Preprocessing):
+            prep = Preprocessing.load(prep)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return session.run([prep.output_name], {prep.input_name: batch})[0]
+
+        return cls(run, prep)
+
+    def logits(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Raw images -> (K, H, W) float32 logits each, at each image's own size.
+
+        Images of the same padded shape share model calls, up to batch_size at a time.
+        """
+        inputs = [pad_to_multiple(normalize(img, self.prep), self.prep.pad_multiple) for img in images]
+        results: list[np.ndarray | None] = [None] * len(images)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, x in enumerate(inputs):
+            by_shape.setdefault(x.shape, []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                out = self._run_batch(np.stack([inputs[i] for i in chunk]))  # (n, K, H', W')
+                for i, logit in zip(chunk, out, strict=True):
+                    h, w = images[i].shape[:2]
+                    results[i] = np.ascontiguousarray(logit[:, :h, :w], dtype=np.float32)
+        return results  # type: ignore[return-value]
+
+    def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[Prediction]:
+        """Raw images -> Prediction (probability and thresholded class-id mask) each."""
+        threshold = self.prep.threshold if threshold is None else threshold
+        predictions = []
+        for logit in self.logits(images):
+            probability = sigmoid(logit[0])
+            mask = (probability > threshold).astype(np.uint8)
+            predictions.append(Prediction(logits=logit[0], probability=probability, mask=mask))
+        return predictions
+
+    def predict_one(self, image: np.ndarray) -> Prediction:
+        return self.predict([image])[0]

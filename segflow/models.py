@@ -1,0 +1,92 @@
+"""Model construction over segmentation_models_pytorch.
+
+Importing this module is cheap; torch and smp load when a model is built or the
+registries are listed.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from segflow.config import BaseParams, TrainParams
+
+
+@cache
+def architecture_names() -> list[str]:
+    """Architectures segmentation_models_pytorch can build (for config validation)."""
+    import segmentation_models_pytorch as smp
+
+    return sorted(cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values())
+
+
+@cache
+def encoder_names() -> list[str]:
+    """Encoders segmentation_models_pytorch knows by name."""
+    from segmentation_models_pytorch.encoders import get_encoder_names
+
+    return sorted(get_encoder_names())
+
+
+def output_channels(base: BaseParams) -> int:
+    """Binary models have one logit channel (sigmoid); K-class models K (softmax)."""
+    return 1 if len(base.classes) == 2 else len(base.classes)
+
+
+def model_spec(base: BaseParams, train: TrainParams) -> dict:
+    """Everything needed to rebuild the network, saved beside its weights."""
+    spec = {
+        "architecture": train.architecture,
+        "encoder": train.encoder,
+        "in_channels": base.in_channels,
+        "classes": output_channels(base),
+    }
+    if train.architecture in {"Unet", "UnetPlusPlus", "MAnet"}:
+        spec["decoder_channels"] = list(train.decoder_channels)
+    return spec
+
+
+def build_model(spec: dict, encoder_weights: str | None = None) -> torch.nn.Module:
+    """Build a network from a `model_spec` dict.
+
+    Args:
+        spec: architecture, encoder, in_channels, classes and optional decoder_channels.
+        encoder_weights: None for random init, or a local weights file for the encoder.
+
+    Returns:
+        The torch module, producing (N, classes, H, W) float32 logits.
+    """
+    import segmentation_models_pytorch as smp
+    import torch
+
+    spec = dict(spec)
+    model = smp.create_model(
+        arch=spec.pop("architecture"),
+        encoder_name=spec.pop("encoder"),
+        encoder_weights=None,  # never let smp download; local weights load below
+        **spec,
+    )
+    if encoder_weights:
+        path = Path(encoder_weights)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"train.encoder_weights: {path} does not exist; download the weights file "
+                "first or set encoder_weights: null"
+            )
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+        if len(missing) == len(model.encoder.state_dict()):
+            raise ValueError(
+                f"train.encoder_weights: no tensor in {path} matches encoder "
+                f"{spec.get('encoder')!r}; is it the right file?"
+            )
+    return model

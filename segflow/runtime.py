@@ -1,0 +1,35 @@
+"""Process-level defaults: offline, quiet, reproducible.
+
+Called at the start of every stage and CLI command (never at import), before the
+libraries that read these variables are imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Libraries that phone home or check for updates unless told not to. This project runs
+# offline by default, so they are told not to; a user's own setting wins.
+_OFFLINE_DEFAULTS = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "BENTOML_DO_NOT_TRACK": "True",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def offline_env() -> None:
+    """Set the offline defaults for variables the user has not set."""
+    for key, value in _OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def set_threads(threads: int) -> None:
+    """Bound torch's CPU threads (the machine may have fewer cores than torch assumes)."""
+    import torch
+
+    torch.set_num_threads(threads)

@@ -1,0 +1,70 @@
+"""evaluate: Dice, IoU, precision, recall on test and val through segflow.inference.
+
+Writes reports/metrics.json (model and Otsu baseline on the same test images),
+reports/plots/per_image.csv and overlay pictures of a few test predictions.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+
+from segflow import tracking
+from segflow.artifacts import CONVERTED, MODEL, OVERLAYS, PLOTS, REPORTS, SPLIT, data_hash, read_manifest
+from segflow.artifacts import run_stage, write_json
+from segflow.config import load_params
+from segflow.evaluation import overlay, score_split, threshold_baseline
+from segflow.images import write_png
+from segflow.inference import Segmenter
+from segflow.runtime import set_threads
+from segflow.training import load_samples
+
+METRICS = REPORTS / "metrics.json"
+PER_IMAGE = PLOTS / "per_image.csv"
+
+
+def main() -> None:
+    params = load_params()
+    set_threads(params.train.threads)
+    segmenter = Segmenter.from_checkpoint(MODEL / "model.pt")
+    samples = {name: load_samples(read_manifest(SPLIT / f"{name}.csv"), CONVERTED) for name in ("val", "test")}
+
+    results, rows, predictions = {}, [], {}
+    for name, split_samples in samples.items():
+        results[name], split_rows, predictions[name] = score_split(segmenter, split_samples, name)
+        rows += split_rows
+    results["baseline"] = threshold_baseline(samples["val"], samples["test"])
+    write_json(METRICS, results)
+    PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(PER_IMAGE, index=False)
+    _write_overlays(samples["test"], predictions["test"], params.evaluate.overlays)
+
+    tags = tracking.lineage_tags("evaluate", params.digest(), data_hash(SPLIT))
+    with tracking.model_stage_run("evaluate", tags, MODEL) as (parent_id, _):
+        import mlflow
+
+        flat = {
+            f"{split}_{k}": v for split in ("test", "val") for k, v in results[split].items() if k != "images"
+        }
+        flat["baseline_test_dice"] = results["baseline"]["test"]["dice"]
+        mlflow.log_metrics(flat)
+        tracking.log_to_parent(parent_id, metrics=flat)
+        client = mlflow.tracking.MlflowClient()
+        client.log_artifact(parent_id, str(METRICS))
+        client.log_artifact(parent_id, str(PER_IMAGE), "plots")
+        if OVERLAYS.exists():
+            client.log_artifacts(parent_id, str(OVERLAYS), "overlays")
+    test, base = results["test"], results["baseline"]["test"]
+    print(f"evaluate: test Dice {test['dice']:.4f} IoU {test['iou']:.4f} "
+          f"(Otsu baseline Dice {base['dice']:.4f}) on {test['images']} images")  # fmt: skip
+
+
+def _write_overlays(samples, predictions, count: int) -> None:
+    shutil.rmtree(OVERLAYS, ignore_errors=True)
+    for sample, prediction in list(zip(samples, predictions, strict=True))[:count]:
+        write_png(OVERLAYS / f"{sample.id}.png", overlay(sample.image, sample.mask, prediction.mask))
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,60 @@
+"""export: ONNX + preprocessing.json, a parity check against torch, then registration.
+
+The parity check runs both backends through segflow.inference on the test images; a
+difference above export.parity_atol fails the stage before anything is registered.
+"""
+
+from __future__ import annotations
+
+from segflow import tracking
+from segflow.artifacts import CONVERTED, EXPORT, MODEL, REPORTS, SPLIT, StageError, data_hash, read_json
+from segflow.artifacts import read_manifest, replace_dir, run_stage, write_json
+from segflow.config import load_params
+from segflow.export import ParityError, check_parity, export_onnx
+from segflow.inference import Segmenter, normalize
+from segflow.runtime import set_threads
+from segflow.training import load_checkpoint, load_samples
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.export
+    set_threads(params.train.threads)
+    model, prep = load_checkpoint(MODEL / "model.pt")
+    test = load_samples(read_manifest(SPLIT / "test.csv"), CONVERTED)
+    metrics = read_json(REPORTS / "metrics.json")
+
+    with replace_dir(EXPORT) as out:
+        export_onnx(model, prep, out / "model.onnx", cfg.opset, cfg.ir_version)
+        prep.save(out / "preprocessing.json")
+        try:
+            parity = check_parity(
+                Segmenter.from_torch(model, prep),
+                Segmenter.from_onnx(out / "model.onnx", prep),
+                [s.image for s in test],
+                cfg.parity_atol,
+            )
+        except ParityError as exc:
+            raise StageError(str(exc)) from None
+        write_json(out / "parity.json", parity)
+        print(f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images")
+
+        tags = tracking.lineage_tags("export", params.digest(), data_hash(SPLIT))
+        with tracking.model_stage_run("export", tags, MODEL) as (parent_id, _):
+            import mlflow
+
+            mlflow.log_metrics({"parity_max_abs_diff": parity["max_abs_diff"]})
+            mlflow.log_dict(parity, "parity.json")
+        example = normalize(test[0].image, prep)[None, :, :64, :64]  # (1, C, 64, 64) float32
+        version_tags = {**tags, "segflow.stage": "export"}
+        version_tags |= {f"test_{k}": v for k, v in metrics["test"].items()}
+        registration = tracking.register_onnx(
+            parent_id, out / "model.onnx", out / "preprocessing.json", example, cfg.registered_model_name,
+            version_tags,
+        )
+        write_json(out / "registration.json", registration)
+    print(f"export: registered {registration['name']} version {registration['version']} as 'challenger'")
+
+
+if __name__ == "__main__":
+    run_stage(main)

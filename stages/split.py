@@ -1,0 +1,35 @@
+"""split: deterministic, seeded train/val/test manifests; no image in two splits."""
+
+from __future__ import annotations
+
+from segflow import tracking
+from segflow.artifacts import CONVERTED, SPLIT, SUMMARY, data_hash, read_manifest, replace_dir, run_stage
+from segflow.artifacts import write_json
+from segflow.config import load_params
+from segflow.splits import SPLITS, assign_splits, check_leakage
+
+
+def main() -> None:
+    params = load_params()
+    manifest = read_manifest(CONVERTED / "manifest.csv")
+    ratios = params.split.model_dump()
+    manifest["split"] = assign_splits(manifest, ratios, params.base.seed)
+    frames = {name: manifest[manifest["split"] == name].drop(columns="split") for name in SPLITS}
+    check_leakage(frames)
+    counts = {name: len(frame) for name, frame in frames.items()}
+    with replace_dir(SPLIT) as out:
+        for name, frame in frames.items():
+            frame.to_csv(out / f"{name}.csv", index=False)
+        write_json(out / SUMMARY, {"counts": counts, "seed": params.base.seed, "data_hash": data_hash(CONVERTED)})
+
+    tags = tracking.lineage_tags("split", params.digest(), data_hash(CONVERTED))
+    with tracking.stage_run("split", tags):
+        import mlflow
+
+        mlflow.log_params({f"split.{k}": v for k, v in ratios.items()} | {"base.seed": params.base.seed})
+        mlflow.log_metrics({f"{k}_images": v for k, v in counts.items()})
+    print("split: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    run_stage(main)

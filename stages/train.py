@@ -1,0 +1,62 @@
+"""train: fit the segmentation model; keep the best checkpoint by validation Dice."""
+
+from __future__ import annotations
+
+import csv
+
+from segflow import tracking
+from segflow.artifacts import CONVERTED, MODEL, PLOTS, SPLIT, data_hash, read_manifest, replace_dir
+from segflow.artifacts import run_stage, write_json
+from segflow.config import load_params
+from segflow.runtime import set_threads
+from segflow.training import load_samples, train_model
+
+CURVES = PLOTS / "train_curves.csv"
+
+
+def main() -> None:
+    params = load_params()
+    set_threads(params.train.threads)
+    train = load_samples(read_manifest(SPLIT / "train.csv"), CONVERTED)
+    val = load_samples(read_manifest(SPLIT / "val.csv"), CONVERTED)
+    tags = tracking.lineage_tags("train", params.digest(), data_hash(SPLIT))
+    print(f"train: {len(train)} training and {len(val)} validation images")
+
+    with replace_dir(MODEL) as out:
+        with tracking.model_stage_run("train", tags, out, new_model=True) as (parent_id, _):
+            import mlflow
+
+            logged = tracking.flatten("", params.model_dump(mode="json", exclude={"ingest", "convert"}))
+            mlflow.log_params(logged)
+            tracking.log_to_parent(parent_id, params=logged)
+
+            def log_epoch(record: dict) -> None:
+                step = record["epoch"]
+                metrics = {k: v for k, v in record.items() if k != "epoch"}
+                mlflow.log_metrics(metrics, step=step)  # child run
+                client = mlflow.tracking.MlflowClient()
+                for key, value in metrics.items():  # parent run: curves in the model's row
+                    client.log_metric(parent_id, key, value, step=step)
+
+            history = train_model(params, train, val, out / "model.pt", on_epoch=log_epoch)
+            best = max(history, key=lambda r: r["val_dice"])
+            write_json(out / "history.json", history)
+            write_json(out / "summary.json", {"best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
+                                              "data_hash": data_hash(SPLIT)})  # fmt: skip
+            _write_curves(history)
+            mlflow.log_artifact(str(CURVES), "plots")
+    print(f"train: best val Dice {best['val_dice']:.4f} at epoch {best['epoch']}")
+
+
+def _write_curves(history: list[dict]) -> None:
+    CURVES.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["epoch", "train_loss", "val_loss", "val_dice", "lr"]
+    with CURVES.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for record in history:
+            writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -28,7 +28,7 @@ OVERLAYS = REPORTS / "overlays"
 SUMMARY = "summary.json"
 
 
-class StageError(RuntimeError):
+class StageError(ValueError):
     """A problem the user can fix; stages print it without a traceback and exit 1."""
 
 
@@ -88,12 +88,20 @@ def run_stage(main: Callable[[], None]) -> None:
     from pydantic import ValidationError
 
     from segflow.config import ParamsError
+    from segflow.datasets.folder import AmbiguousPairError
     from segflow.images import ImageReadError
 
     offline_env()
     try:
         main()
-    except (StageError, ParamsError, ImageReadError, FileNotFoundError, ValidationError) as exc:
+    except (
+        StageError,
+        ParamsError,
+        ImageReadError,
+        AmbiguousPairError,
+        FileNotFoundError,
+        ValidationError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

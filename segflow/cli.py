@@ -23,8 +23,12 @@ def main(argv: list[str] | None = None) -> int:
 
     predict = commands.add_parser("predict", help="segment image files with an exported model")
     predict.add_argument("images", nargs="+", type=Path, help="image files or folders")
-    predict.add_argument("--model", type=Path, default=Path("artifacts/export"),
-                         help="folder with model.onnx and preprocessing.json (default: artifacts/export)")
+    predict.add_argument(
+        "--model",
+        type=Path,
+        default=Path("artifacts/export"),
+        help="folder with model.onnx and preprocessing.json (default: artifacts/export)",
+    )
     predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     predict.set_defaults(run=_predict)
 

@@ -84,8 +84,7 @@ class SplitParams(_Section):
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(
-                f"train + val + test must sum to 1, got {self.train} + {self.val} + {self.test} "
-                f"= {total:g}"
+                f"train + val + test must sum to 1, got {self.train} + {self.val} + {self.test} = {total:g}"
             )
         return self
 

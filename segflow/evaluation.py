@@ -31,6 +31,7 @@ def score_split(segmenter: Segmenter, samples: list[Sample], split: str) -> tupl
 
 def threshold_baseline(val: list[Sample], test: list[Sample]) -> dict:
     """Otsu per image; its polarity (dark or bright cells) is chosen on val, scored on test."""
+
     def dice(samples, side):
         return summarize([confusion(otsu_segment(s.image, side), s.mask) for s in samples])
 

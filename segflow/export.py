@@ -46,7 +46,9 @@ def export_onnx(model, prep: Preprocessing, path: Path, opset: int, ir_version: 
     tmp.unlink()
 
 
-def check_parity(torch_segmenter: Segmenter, onnx_segmenter: Segmenter, images: list[np.ndarray], atol: float) -> dict:
+def check_parity(
+    torch_segmenter: Segmenter, onnx_segmenter: Segmenter, images: list[np.ndarray], atol: float
+) -> dict:
     """Compare logits of both backends on the same images through the inference path.
 
     Returns:
@@ -62,12 +64,13 @@ def check_parity(torch_segmenter: Segmenter, onnx_segmenter: Segmenter, images: 
         for a, b in zip(torch_segmenter.logits(images), onnx_segmenter.logits(images), strict=True)
     ]
     report = {
-        "max_abs_diff": float(max(d.max() for d in diffs)),
+        # np.max, not max(): a NaN anywhere must propagate and fail the check.
+        "max_abs_diff": float(np.max([d.max() for d in diffs])),
         "mean_abs_diff": float(np.mean([d.mean() for d in diffs])),
         "images": len(images),
         "atol": atol,
     }
-    report["passed"] = report["max_abs_diff"] <= atol
+    report["passed"] = bool(np.isfinite(report["max_abs_diff"]) and report["max_abs_diff"] <= atol)
     if not report["passed"]:
         raise ParityError(
             f"ONNX logits differ from torch by up to {report['max_abs_diff']:.3g} "

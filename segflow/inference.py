@@ -119,7 +119,9 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 class Segmenter:
     """Segments images with any backend that maps (N, C, H, W) -> (N, K, H, W) logits."""
 
-    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, batch_size: int = 8):
+    def __init__(
+        self, run_batch: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, batch_size: int = 8
+    ):
         self._run_batch = run_batch
         self.prep = prep
         self.batch_size = batch_size
@@ -147,7 +149,9 @@ class Segmenter:
         return cls.from_torch(model, prep, batch_size)
 
     @classmethod
-    def from_onnx(cls, model_path: str | Path, prep: Preprocessing | str | Path, threads: int = 0) -> Segmenter:
+    def from_onnx(
+        cls, model_path: str | Path, prep: Preprocessing | str | Path, threads: int = 0
+    ) -> Segmenter:
         """Open an ONNX model with ONNX Runtime on the CPU.
 
         Args:

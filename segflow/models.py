@@ -64,9 +64,10 @@ def build_model(spec: dict, encoder_weights: str | None = None) -> torch.nn.Modu
     import torch
 
     spec = dict(spec)
+    encoder = spec.pop("encoder")
     model = smp.create_model(
         arch=spec.pop("architecture"),
-        encoder_name=spec.pop("encoder"),
+        encoder_name=encoder,
         encoder_weights=None,  # never let smp download; local weights load below
         **spec,
     )
@@ -83,10 +84,10 @@ def build_model(spec: dict, encoder_weights: str | None = None) -> torch.nn.Modu
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+        missing, _ = model.encoder.load_state_dict(state, strict=False)
         if len(missing) == len(model.encoder.state_dict()):
             raise ValueError(
                 f"train.encoder_weights: no tensor in {path} matches encoder "
-                f"{spec.get('encoder')!r}; is it the right file?"
+                f"{encoder!r}; is it the right file?"
             )
     return model

@@ -25,12 +25,14 @@ DATA_EXPERIMENT = "segflow-data"
 RUN_FILE = "run.json"
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else sqlite:///<repository>/mlflow.db."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
+def default_uri() -> str:
+    """The embedded store: sqlite:///<repository>/mlflow.db."""
     return f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the embedded store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 
 
 def configure() -> str:
@@ -55,7 +57,8 @@ def use_experiment(name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         location = None
-        if tracking_uri().startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
+        # (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so compare, don't test the env.)
+        if tracking_uri() == default_uri():
             location = (store_root() / "mlartifacts" / name).as_uri()
         experiment_id = mlflow.create_experiment(name, artifact_location=location)
     else:
@@ -126,7 +129,10 @@ def model_stage_run(stage: str, tags: dict[str, str], model_dir: Path, new_model
             parent_id = parent.info.run_id
         (model_dir / RUN_FILE).parent.mkdir(parents=True, exist_ok=True)
         (model_dir / RUN_FILE).write_text(json.dumps({"run_id": parent_id}) + "\n")
-    with mlflow.start_run(run_id=parent_id), mlflow.start_run(run_name=stage, nested=True, tags=tags) as child:
+    with (
+        mlflow.start_run(run_id=parent_id),
+        mlflow.start_run(run_name=stage, nested=True, tags=tags) as child,
+    ):
         yield parent_id, child
 
 
@@ -155,7 +161,9 @@ def parent_run_id(model_dir: Path) -> str | None:
     return json.loads(path.read_text()).get("run_id") if path.is_file() else None
 
 
-def log_to_parent(parent_id: str, metrics: dict[str, float] | None = None, params: dict | None = None) -> None:
+def log_to_parent(
+    parent_id: str, metrics: dict[str, float] | None = None, params: dict | None = None
+) -> None:
     """Log metrics/params on the parent run (what the runs table compares)."""
     from mlflow.tracking import MlflowClient
 
@@ -204,7 +212,9 @@ def register_onnx(
     prep = json.loads(preprocessing_path.read_text())
     channels_out = 1 if len(prep["classes"]) == 2 else len(prep["classes"])  # binary: one logit
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, prep["in_channels"], -1, -1), prep["input_name"])]),
+        inputs=Schema(
+            [TensorSpec(np.dtype("float32"), (-1, prep["in_channels"], -1, -1), prep["input_name"])]
+        ),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, channels_out, -1, -1), prep["output_name"])]),
     )
     with mlflow.start_run(run_id=parent_id):

@@ -21,12 +21,12 @@ from segflow.runtime import offline_env
 INGEST_RULES: list[tuple[str, str, dict]] = [
     ("every image has a mask", "ExpectColumnValuesToNotBeNull", {"column": "mask"}),
     ("every mask has an image", "ExpectColumnValuesToNotBeNull", {"column": "image"}),
-    ("every image is readable", "ExpectColumnValuesToBeInSet", {"column": "image_readable", "value_set": [True]}),
-    ("every mask is readable", "ExpectColumnValuesToBeInSet", {"column": "mask_readable", "value_set": [True]}),
-    ("mask height equals image height", "ExpectColumnPairValuesToBeEqual",
-     {"column_A": "height", "column_B": "mask_height", "ignore_row_if": "either_value_is_missing"}),
-    ("mask width equals image width", "ExpectColumnPairValuesToBeEqual",
-     {"column_A": "width", "column_B": "mask_width", "ignore_row_if": "either_value_is_missing"}),
+    ("every image is readable", "ExpectColumnValuesToBeInSet",
+     {"column": "image_readable", "value_set": [True]}),
+    ("every mask is readable", "ExpectColumnValuesToBeInSet",
+     {"column": "mask_readable", "value_set": [True]}),
+    ("every mask has its image's size", "ExpectColumnPairValuesToBeEqual",
+     {"column_A": "size", "column_B": "mask_size", "ignore_row_if": "either_value_is_missing"}),
     ("mask values are in the allowed set", "ExpectColumnValuesToBeInSet",
      {"column": "mask_values_ok", "value_set": [True]}),
     ("no duplicate images (by pixel content)", "ExpectColumnValuesToBeUnique", {"column": "content_hash"}),
@@ -79,6 +79,9 @@ def validate_ingest(manifest: pd.DataFrame, min_images: int) -> ValidationReport
     Returns:
         The report; `success` is False when any rule fails.
     """
+    from segflow.datasets.folder import MANIFEST_COLUMNS
+
+    manifest = manifest.reindex(columns=list(dict.fromkeys([*MANIFEST_COLUMNS, *manifest.columns])))
     rules = [*INGEST_RULES, (f"dataset holds at least {min_images} images",
                              "ExpectTableRowCountToBeBetween", {"min_value": min_images})]  # fmt: skip
     return run_suite("ingest", manifest, rules)
@@ -93,9 +96,7 @@ def run_suite(name: str, frame: pd.DataFrame, rules: list[tuple[str, str, dict]]
     frame["file"] = frame["image"].fillna(frame.get("mask"))
     context = gx.get_context(mode="ephemeral")
     asset = context.data_sources.add_pandas(name).add_dataframe_asset("manifest")
-    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
-        batch_parameters={"dataframe": frame}
-    )
+    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
     suite = context.suites.add(gx.ExpectationSuite(name=name))
     for description, kind, kwargs in rules:
         suite.add_expectation(getattr(gx.expectations, kind)(description=description, **kwargs))

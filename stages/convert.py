@@ -9,8 +9,17 @@ import numpy as np
 import pandas as pd
 
 from segflow import tracking
-from segflow.artifacts import CONVERTED, INGESTED, SUMMARY, data_hash, read_json, read_manifest
-from segflow.artifacts import replace_dir, run_stage, write_json
+from segflow.artifacts import (
+    CONVERTED,
+    INGESTED,
+    SUMMARY,
+    data_hash,
+    read_json,
+    read_manifest,
+    replace_dir,
+    run_stage,
+    write_json,
+)
 from segflow.config import load_params
 from segflow.images import read_image, write_png
 from segflow.masks import instances_to_semantic, relabel_sequential, semantic_from_values
@@ -23,7 +32,9 @@ def main() -> None:
     rows = []
     with replace_dir(CONVERTED) as out:
         for row in manifest.itertuples():
-            rows.append(convert_one(row, source, out, params.ingest.mask_kind, params.convert.foreground_values))
+            rows.append(
+                convert_one(row, source, out, params.ingest.mask_kind, params.convert.foreground_values)
+            )
         converted = pd.DataFrame(rows)
         converted.to_csv(out / "manifest.csv", index=False)
         summary = {"images": len(converted), "data_hash": data_hash(INGESTED),
@@ -34,7 +45,9 @@ def main() -> None:
     with tracking.stage_run("convert", tags):
         import mlflow
 
-        mlflow.log_metrics({"images": summary["images"], "foreground_fraction": summary["foreground_fraction"]})
+        mlflow.log_metrics(
+            {"images": summary["images"], "foreground_fraction": summary["foreground_fraction"]}
+        )
     print(f"convert: {len(converted)} images, mean foreground {summary['foreground_fraction']:.3f}")
 
 

@@ -11,8 +11,18 @@ import shutil
 import pandas as pd
 
 from segflow import tracking
-from segflow.artifacts import CONVERTED, MODEL, OVERLAYS, PLOTS, REPORTS, SPLIT, data_hash, read_manifest
-from segflow.artifacts import run_stage, write_json
+from segflow.artifacts import (
+    CONVERTED,
+    MODEL,
+    OVERLAYS,
+    PLOTS,
+    REPORTS,
+    SPLIT,
+    data_hash,
+    read_manifest,
+    run_stage,
+    write_json,
+)
 from segflow.config import load_params
 from segflow.evaluation import overlay, score_split, threshold_baseline
 from segflow.images import write_png
@@ -28,7 +38,9 @@ def main() -> None:
     params = load_params()
     set_threads(params.train.threads)
     segmenter = Segmenter.from_checkpoint(MODEL / "model.pt")
-    samples = {name: load_samples(read_manifest(SPLIT / f"{name}.csv"), CONVERTED) for name in ("val", "test")}
+    samples = {
+        name: load_samples(read_manifest(SPLIT / f"{name}.csv"), CONVERTED) for name in ("val", "test")
+    }
 
     results, rows, predictions = {}, [], {}
     for name, split_samples in samples.items():
@@ -44,12 +56,12 @@ def main() -> None:
     with tracking.model_stage_run("evaluate", tags, MODEL) as (parent_id, _):
         import mlflow
 
-        flat = {
-            f"{split}_{k}": v for split in ("test", "val") for k, v in results[split].items() if k != "images"
-        }
-        flat["baseline_test_dice"] = results["baseline"]["test"]["dice"]
-        mlflow.log_metrics(flat)
-        tracking.log_to_parent(parent_id, metrics=flat)
+        # Test scores go on the model's row; validation scores stay on the evaluate run,
+        # since the parent's val_dice is the per-epoch training curve.
+        test = {f"test_{k}": v for k, v in results["test"].items() if k != "images"}
+        test["baseline_test_dice"] = results["baseline"]["test"]["dice"]
+        mlflow.log_metrics(test | {f"val_{k}": v for k, v in results["val"].items() if k != "images"})
+        tracking.log_to_parent(parent_id, metrics=test)
         client = mlflow.tracking.MlflowClient()
         client.log_artifact(parent_id, str(METRICS))
         client.log_artifact(parent_id, str(PER_IMAGE), "plots")

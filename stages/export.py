@@ -7,8 +7,20 @@ difference above export.parity_atol fails the stage before anything is registere
 from __future__ import annotations
 
 from segflow import tracking
-from segflow.artifacts import CONVERTED, EXPORT, MODEL, REPORTS, SPLIT, StageError, data_hash, read_json
-from segflow.artifacts import read_manifest, replace_dir, run_stage, write_json
+from segflow.artifacts import (
+    CONVERTED,
+    EXPORT,
+    MODEL,
+    REPORTS,
+    SPLIT,
+    StageError,
+    data_hash,
+    read_json,
+    read_manifest,
+    replace_dir,
+    run_stage,
+    write_json,
+)
 from segflow.config import load_params
 from segflow.export import ParityError, check_parity, export_onnx
 from segflow.inference import Segmenter, normalize
@@ -37,7 +49,9 @@ def main() -> None:
         except ParityError as exc:
             raise StageError(str(exc)) from None
         write_json(out / "parity.json", parity)
-        print(f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images")
+        print(
+            f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images"
+        )
 
         tags = tracking.lineage_tags("export", params.digest(), data_hash(SPLIT))
         with tracking.model_stage_run("export", tags, MODEL) as (parent_id, _):
@@ -49,7 +63,11 @@ def main() -> None:
         version_tags = {**tags, "segflow.stage": "export"}
         version_tags |= {f"test_{k}": v for k, v in metrics["test"].items()}
         registration = tracking.register_onnx(
-            parent_id, out / "model.onnx", out / "preprocessing.json", example, cfg.registered_model_name,
+            parent_id,
+            out / "model.onnx",
+            out / "preprocessing.json",
+            example,
+            cfg.registered_model_name,
             version_tags,
         )
         write_json(out / "registration.json", registration)

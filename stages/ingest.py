@@ -9,12 +9,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pandas as pd
-
 from segflow import tracking
 from segflow.artifacts import INGESTED, SUMMARY, StageError, replace_dir, run_stage, write_json
 from segflow.config import load_params
-from segflow.datasets.folder import inspect_pairs, scan_pairs
+from segflow.datasets.folder import inspect_pairs, manifest_frame, scan_pairs
 from segflow.validation import validate_ingest
 
 FAILED_REPORT = Path("artifacts/ingest.failed.json")
@@ -24,8 +22,10 @@ def main() -> None:
     params = load_params()
     cfg = params.ingest
     source = Path(cfg.source)
-    rows = inspect_pairs(scan_pairs(source, cfg.image_dir, cfg.mask_dir), source, cfg.mask_kind, cfg.mask_values)
-    manifest = pd.DataFrame(rows)
+    rows = inspect_pairs(
+        scan_pairs(source, cfg.image_dir, cfg.mask_dir), source, cfg.mask_kind, cfg.mask_values
+    )
+    manifest = manifest_frame(rows)
     report = validate_ingest(manifest, cfg.min_images)
     print(report.render())
     if not report.success:

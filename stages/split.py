@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from segflow import tracking
-from segflow.artifacts import CONVERTED, SPLIT, SUMMARY, data_hash, read_manifest, replace_dir, run_stage
-from segflow.artifacts import write_json
+from segflow.artifacts import (
+    CONVERTED,
+    SPLIT,
+    SUMMARY,
+    data_hash,
+    read_manifest,
+    replace_dir,
+    run_stage,
+    write_json,
+)
 from segflow.config import load_params
 from segflow.splits import SPLITS, assign_splits, check_leakage
 
@@ -20,7 +28,9 @@ def main() -> None:
     with replace_dir(SPLIT) as out:
         for name, frame in frames.items():
             frame.to_csv(out / f"{name}.csv", index=False)
-        write_json(out / SUMMARY, {"counts": counts, "seed": params.base.seed, "data_hash": data_hash(CONVERTED)})
+        write_json(
+            out / SUMMARY, {"counts": counts, "seed": params.base.seed, "data_hash": data_hash(CONVERTED)}
+        )
 
     tags = tracking.lineage_tags("split", params.digest(), data_hash(CONVERTED))
     with tracking.stage_run("split", tags):

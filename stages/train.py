@@ -5,8 +5,17 @@ from __future__ import annotations
 import csv
 
 from segflow import tracking
-from segflow.artifacts import CONVERTED, MODEL, PLOTS, SPLIT, data_hash, read_manifest, replace_dir
-from segflow.artifacts import run_stage, write_json
+from segflow.artifacts import (
+    CONVERTED,
+    MODEL,
+    PLOTS,
+    SPLIT,
+    data_hash,
+    read_manifest,
+    replace_dir,
+    run_stage,
+    write_json,
+)
 from segflow.config import load_params
 from segflow.runtime import set_threads
 from segflow.training import load_samples, train_model
@@ -22,30 +31,35 @@ def main() -> None:
     tags = tracking.lineage_tags("train", params.digest(), data_hash(SPLIT))
     print(f"train: {len(train)} training and {len(val)} validation images")
 
-    with replace_dir(MODEL) as out:
-        with tracking.model_stage_run("train", tags, out, new_model=True) as (parent_id, _):
-            import mlflow
-
-            logged = tracking.flatten("", params.model_dump(mode="json", exclude={"ingest", "convert"}))
-            mlflow.log_params(logged)
-            tracking.log_to_parent(parent_id, params=logged)
-
-            def log_epoch(record: dict) -> None:
-                step = record["epoch"]
-                metrics = {k: v for k, v in record.items() if k != "epoch"}
-                mlflow.log_metrics(metrics, step=step)  # child run
-                client = mlflow.tracking.MlflowClient()
-                for key, value in metrics.items():  # parent run: curves in the model's row
-                    client.log_metric(parent_id, key, value, step=step)
-
-            history = train_model(params, train, val, out / "model.pt", on_epoch=log_epoch)
-            best = max(history, key=lambda r: r["val_dice"])
-            write_json(out / "history.json", history)
-            write_json(out / "summary.json", {"best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
-                                              "data_hash": data_hash(SPLIT)})  # fmt: skip
-            _write_curves(history)
-            mlflow.log_artifact(str(CURVES), "plots")
+    with replace_dir(MODEL) as out, tracking.model_stage_run("train", tags, out, new_model=True) as runs:
+        parent_id, _ = runs
+        best = _fit_and_log(params, train, val, out, parent_id)
     print(f"train: best val Dice {best['val_dice']:.4f} at epoch {best['epoch']}")
+
+
+def _fit_and_log(params, train, val, out, parent_id: str) -> dict:
+    """Train into `out`, logging params and per-epoch curves on the child and parent runs."""
+    import mlflow
+
+    logged = tracking.flatten("", params.model_dump(mode="json", exclude={"ingest", "convert"}))
+    mlflow.log_params(logged)
+    tracking.log_to_parent(parent_id, params=logged)
+    client = mlflow.tracking.MlflowClient()
+
+    def log_epoch(record: dict) -> None:
+        metrics = {k: v for k, v in record.items() if k != "epoch"}
+        mlflow.log_metrics(metrics, step=record["epoch"])  # the train run
+        for key, value in metrics.items():  # the model's row shows the curves too
+            client.log_metric(parent_id, key, value, step=record["epoch"])
+
+    history = train_model(params, train, val, out / "model.pt", on_epoch=log_epoch)
+    best = max(history, key=lambda r: r["val_dice"])
+    write_json(out / "history.json", history)
+    summary = {"best_epoch": best["epoch"], "best_val_dice": best["val_dice"], "data_hash": data_hash(SPLIT)}
+    write_json(out / "summary.json", summary)
+    _write_curves(history)
+    mlflow.log_artifact(str(CURVES), "plots")
+    return best
 
 
 def _write_curves(history: list[dict]) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from segflow.images import IMAGE_SUFFIXES, ImageReadError, content_hash, read_image
 
 MANIFEST_COLUMNS = [
     "id", "image", "mask", "image_readable", "mask_readable", "height", "width", "channels",
-    "dtype", "mask_height", "mask_width", "mask_values_ok", "objects", "content_hash", "problem",
+    "dtype", "mask_height", "mask_width", "size", "mask_size", "mask_values_ok", "objects",
+    "content_hash", "problem",
 ]  # fmt: skip
 
 
@@ -27,6 +29,7 @@ def scan_pairs(source: Path, image_dir: str, mask_dir: str) -> list[tuple[str, P
 
     Raises:
         FileNotFoundError: the image folder does not exist.
+        AmbiguousPairError: two files in one folder share a stem (a.png and a.tif).
     """
     images_root, masks_root = source / image_dir, source / mask_dir
     if not images_root.is_dir():
@@ -40,12 +43,22 @@ def scan_pairs(source: Path, image_dir: str, mask_dir: str) -> list[tuple[str, P
     return [(stem, images.get(stem), masks.get(stem)) for stem in stems]
 
 
+class AmbiguousPairError(ValueError):
+    """Two files in one folder share a stem, so pairing by name cannot decide."""
+
+
 def _by_stem(folder: Path) -> dict[str, Path]:
-    return {
-        p.stem: p
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    }
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES):
+            continue
+        if path.stem in found:
+            raise AmbiguousPairError(
+                f"{found[path.stem]} and {path} share the name {path.stem!r}; images and masks "
+                "pair by name, so keep one of them (or rename it)"
+            )
+        found[path.stem] = path
+    return found
 
 
 def inspect_pairs(
@@ -68,6 +81,11 @@ def inspect_pairs(
     return [_inspect(stem, image, mask, root, mask_kind, mask_values) for stem, image, mask in pairs]
 
 
+def manifest_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows as a DataFrame with every manifest column, even when there are no rows."""
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
 def _inspect(stem, image_path, mask_path, root, mask_kind, mask_values) -> dict:
     row = dict.fromkeys(MANIFEST_COLUMNS)
     row.update(id=stem, image=_rel(image_path, root), mask=_rel(mask_path, root), problem="")
@@ -86,7 +104,7 @@ def _inspect(stem, image_path, mask_path, root, mask_kind, mask_values) -> dict:
         try:
             mask = read_image(mask_path)
         except ImageReadError as exc:
-            problems.append(f"mask unreadable: {exc.reason}")
+            problems.append(f"mask {row['mask']} unreadable: {exc.reason}")
     row["image_readable"] = image is not None
     row["mask_readable"] = mask is not None
     if image is not None:
@@ -94,17 +112,18 @@ def _inspect(stem, image_path, mask_path, root, mask_kind, mask_values) -> dict:
             height=image.shape[0], width=image.shape[1],
             channels=1 if image.ndim == 2 else image.shape[2],
             dtype=str(image.dtype), content_hash=content_hash(image),
+            size=f"{image.shape[1]}x{image.shape[0]}",
         )  # fmt: skip
     if mask is not None:
-        row.update(mask_height=mask.shape[0], mask_width=mask.shape[1])
+        row.update(
+            mask_height=mask.shape[0], mask_width=mask.shape[1], mask_size=f"{mask.shape[1]}x{mask.shape[0]}"
+        )
         ok, detail, objects = _check_mask_values(mask, mask_kind, mask_values)
         row.update(mask_values_ok=ok, objects=objects)
         if not ok:
-            problems.append(detail)
+            problems.append(f"mask {row['mask']}: {detail}")
     if image is not None and mask is not None and image.shape[:2] != mask.shape[:2]:
-        problems.append(
-            f"mask is {mask.shape[1]}x{mask.shape[0]} but image is {image.shape[1]}x{image.shape[0]}"
-        )
+        problems.append(f"mask {row['mask']} is {row['mask_size']} but the image is {row['size']}")
     row["problem"] = "; ".join(problems)
     return row
 

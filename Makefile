@@ -1,0 +1,56 @@
+# segflow — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+
+# Offline and quiet by default (a value already in your environment wins).
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+export GX_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= 1
+export DVC_NO_ANALYTICS ?= 1
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: help setup data run test test-fast lint format mlflow clean
+
+help: ## show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv (when missing) and install segflow with its dev tools
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+data: setup ## make data/ available: regenerate the embedded sample dataset data.dvc tracks
+	@if [ -d data ]; then echo "data/ present"; else \
+		$(BIN)/segflow sample --out data && $(BIN)/dvc commit --force --quiet data.dvc && \
+		echo "data/ regenerated; it matches data.dvc" ; fi
+
+run: data ## run the pipeline: dvc repro (cached; only what changed re-runs)
+	$(BIN)/dvc repro
+
+test: setup ## run the whole test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: setup ## run the tests not marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+mlflow: setup ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+clean: ## remove pipeline outputs in the workspace (the DVC cache keeps them: `dvc checkout` restores)
+	rm -rf artifacts predictions

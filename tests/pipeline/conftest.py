@@ -1,0 +1,92 @@
+"""A temporary copy of the repository with a tiny dataset and tiny params.
+
+The copy holds the project's git-tracked files as they are in the working tree (so
+uncommitted changes are tested too), its own git history, its own DVC cache and its own
+MLflow store. Nothing is mocked: the stages run under the real `dvc`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+# Small enough for about a minute of `dvc repro` on 2 CPU cores.
+TINY_PARAMS = {
+    "ingest": {"min_images": 10},
+    "train": {"epochs": 2, "batch_size": 4, "crop_size": 64, "decoder_channels": [16, 16, 16, 16, 16]},
+    "evaluate": {"overlays": 2},
+}
+
+
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command in the copy with the venv's tools first on PATH; output captured."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
+    full_env.pop("MLFLOW_TRACKING_URI", None)  # the copy's own sqlite store
+    result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=1800)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+            f"\n--- stderr\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def make_tiny_repo(dest: Path, params: dict | None = None, count: int = 16, size: int = 64) -> Path:
+    """Copy the tracked files, generate a tiny sample dataset, commit; returns the copy."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file() and not name.startswith(("reports/", "dvc.lock", "data.dvc")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(merge(merge(raw, TINY_PARAMS), params or {})))
+    git_env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}  # fmt: skip
+    run(["git", "init", "-q"], dest)
+    run(["segflow", "sample", "--out", "data", "--count", str(count), "--size", str(size)], dest)
+    run(["dvc", "add", "-q", "data"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "tiny copy"], dest, env=git_env)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def built_repo(tmp_path_factory) -> Path:
+    """A tiny copy on which `dvc repro` has run once, successfully."""
+    repo = make_tiny_repo(tmp_path_factory.mktemp("pipeline"))
+    result = run(["dvc", "repro"], repo)
+    (repo / "first_repro.log").write_text(result.stdout + result.stderr)
+    return repo
+
+
+@pytest.fixture
+def repo_copy(built_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of the built repo (with its DVC cache and MLflow store) to break."""
+    dest = tmp_path / "repo"
+    shutil.copytree(built_repo, dest, symlinks=True)
+    return dest

@@ -1,0 +1,198 @@
+"""The real `dvc repro` on a tiny copy of the repository: outputs, MLflow, registry, caching."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.pipeline.conftest import run
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("ingest", "convert", "split", "train", "evaluate", "export")
+
+
+def _client(repo: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _params_digest(repo: Path) -> str:
+    from segflow.config import load_params
+
+    return load_params(repo / "params.yaml").digest()
+
+
+def test_repro_writes_every_output(built_repo: Path):
+    for path in ("artifacts/ingested/manifest.csv", "artifacts/ingested/validation.json",
+                 "artifacts/converted/manifest.csv", "artifacts/split/train.csv",
+                 "artifacts/split/val.csv", "artifacts/split/test.csv", "artifacts/model/model.pt",
+                 "artifacts/export/model.onnx", "artifacts/export/preprocessing.json",
+                 "reports/plots/train_curves.csv", "reports/plots/per_image.csv"):  # fmt: skip
+        assert (built_repo / path).is_file(), path
+    metrics = json.loads((built_repo / "reports/metrics.json").read_text())
+    assert set(metrics) >= {"test", "val", "baseline"}
+    for split in ("test", "val"):
+        assert 0.0 <= metrics[split]["dice"] <= 1.0
+    assert metrics["baseline"]["method"] == "otsu" and "dice" in metrics["baseline"]["test"]
+    assert json.loads((built_repo / "artifacts/export/parity.json").read_text())["max_abs_diff"] <= 1e-4
+    assert len(list((built_repo / "reports/overlays").glob("*.png"))) == 2
+    curves = (built_repo / "reports/plots/train_curves.csv").read_text().splitlines()
+    assert curves[0].startswith("epoch,") and len(curves) == 1 + 2  # header + 2 epochs
+
+
+def test_splits_are_disjoint_and_cover_the_data(built_repo: Path):
+    import pandas as pd
+
+    frames = {s: pd.read_csv(built_repo / f"artifacts/split/{s}.csv") for s in ("train", "val", "test")}
+    ids = [set(f["id"]) for f in frames.values()]
+    assert sum(len(i) for i in ids) == 16
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+
+
+def test_second_repro_runs_nothing_and_status_is_clean(built_repo: Path):
+    again = run(["dvc", "repro"], built_repo)
+    assert "Running stage" not in again.stdout
+    assert "up to date" in again.stdout
+    status = run(["dvc", "status"], built_repo)
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_changing_epochs_reruns_only_train_evaluate_export(repo_copy: Path):
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["train"]["epochs"] = 3
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    log = run(["dvc", "repro"], repo_copy).stdout  # a dry run cannot see downstream changes
+    ran = {stage for stage in STAGES if f"Running stage '{stage}'" in log}
+    assert ran == {"train", "evaluate", "export"}, log
+
+
+def test_stage_runs_are_grouped_per_model_with_lineage_tags(built_repo: Path):
+    client = _client(built_repo)
+    model_exp = client.get_experiment_by_name("segflow")
+    data_exp = client.get_experiment_by_name("segflow-data")
+    assert model_exp is not None and data_exp is not None
+    data_runs = client.search_runs([data_exp.experiment_id])
+    assert {r.data.tags["segflow.stage"] for r in data_runs} == {"ingest", "convert", "split"}
+
+    parent_id = json.loads((built_repo / "artifacts/model/run.json").read_text())["run_id"]
+    children = client.search_runs([model_exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(r.data.tags["segflow.stage"] for r in children) == ["evaluate", "export", "train"]
+
+    commit = run(["git", "rev-parse", "HEAD"], built_repo).stdout.strip()
+    data_hash = json.loads((built_repo / "artifacts/ingested/summary.json").read_text())["data_hash"]
+    for r in [*children, *data_runs]:
+        tags = r.data.tags
+        assert tags["segflow.git_commit"] == commit
+        assert tags["segflow.git_dirty"] in {"true", "false"}
+        assert tags["segflow.data_hash"] == data_hash
+        assert tags["segflow.params_hash"] == _params_digest(built_repo)
+
+    parent = client.get_run(parent_id)
+    assert parent.data.params["train.encoder"] == "resnet18"
+    assert {"test_dice", "val_dice", "train_loss", "baseline_test_dice"} <= set(parent.data.metrics)
+    assert len(client.get_metric_history(parent_id, "val_dice")) == 2  # one point per epoch
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"overlays", "metrics.json"} <= artifacts
+
+
+def test_model_is_registered_as_challenger(built_repo: Path):
+    client = _client(built_repo)
+    registration = json.loads((built_repo / "artifacts/export/registration.json").read_text())
+    version = client.get_model_version_by_alias(registration["name"], "challenger")
+    assert str(version.version) == registration["version"] == "1"
+    assert (
+        version.tags["segflow.data_hash"]
+        == json.loads((built_repo / "artifacts/ingested/summary.json").read_text())["data_hash"]
+    )
+    assert float(version.tags["test_dice"]) >= 0.0
+
+    import mlflow.onnx
+
+    mlflow.set_registry_uri(f"sqlite:///{built_repo / 'mlflow.db'}")
+    model = mlflow.onnx.load_model(f"models:/{registration['name']}@challenger")
+    assert model.graph.input[0].name == "image"
+
+
+def test_sqlite_store_is_at_the_repository_root(built_repo: Path):
+    with sqlite3.connect(built_repo / "mlflow.db") as db:
+        experiments = {
+            row[0]: row[1] for row in db.execute("select name, artifact_location from experiments")
+        }
+    assert experiments["segflow"] == (built_repo / "mlartifacts" / "segflow").as_uri()
+
+
+def test_corrupt_image_fails_ingest_and_keeps_previous_outputs(repo_copy: Path):
+    before = {
+        p: (repo_copy / p).read_bytes()
+        for p in ("artifacts/ingested/manifest.csv", "artifacts/model/model.pt")
+    }
+    victim = sorted((repo_copy / "data/images").iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:200])  # a truncated PNG
+    result = run(["dvc", "repro"], repo_copy, check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"images/{victim.name}" in output and "every image is readable" in output
+    for path, content in before.items():
+        assert (repo_copy / path).read_bytes() == content, f"{path} changed after a failed ingest"
+    report = json.loads((repo_copy / "artifacts/ingest.failed.json").read_text())
+    assert not report["success"]
+
+
+def test_wrong_size_mask_fails_ingest_naming_the_file(repo_copy: Path):
+    from PIL import Image
+
+    victim = sorted((repo_copy / "data/masks").iterdir())[5]
+    Image.new("I;16", (32, 48)).save(victim)
+    result = run(["dvc", "repro"], repo_copy, check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"masks/{victim.name}" in output and "is 32x48 but the image is 64x64" in output
+    assert (repo_copy / "artifacts/ingested/manifest.csv").is_file()
+
+
+def test_unknown_encoder_fails_before_training(repo_copy: Path):
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["train"]["encoder"] = "resnet1"
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    model_before = (repo_copy / "artifacts/model/model.pt").read_bytes()
+    result = run(["dvc", "repro"], repo_copy, check=False)
+    assert result.returncode != 0
+    assert "train.encoder" in result.stderr and "unknown encoder 'resnet1'" in result.stderr
+    assert "epoch" not in result.stdout
+    assert (repo_copy / "artifacts/model/model.pt").read_bytes() == model_before
+
+
+def _experiment_runs(repo: Path, name: str) -> list:
+    client = _client(repo)
+    experiment = client.get_experiment_by_name("segflow")
+    return client.search_runs([experiment.experiment_id], f"tags.`segflow.dvc_experiment` = '{name}'")
+
+
+def test_dvc_exp_run_temp_logs_to_the_repository_store(repo_copy: Path):
+    # --temp runs in a copy under .dvc/tmp/exps; its runs must reach the copy's mlflow.db.
+    run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "train.epochs=1"], repo_copy)
+    stages = sorted(r.data.tags["segflow.stage"] for r in _experiment_runs(repo_copy, "temp-exp"))
+    assert stages == ["evaluate", "export", "model", "train"]
+
+
+def test_dvc_queue_logs_to_the_repository_store(repo_copy: Path):
+    import time
+
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-exp", "-S", "train.epochs=1"], repo_copy)
+    run(["dvc", "queue", "start"], repo_copy)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo_copy).stdout
+        if "queued-exp" in status and not any(s in status for s in ("Queued", "Running")):
+            break
+        time.sleep(3)
+    assert "Success" in status, status
+    stages = sorted(r.data.tags["segflow.stage"] for r in _experiment_runs(repo_copy, "queued-exp"))
+    assert stages == ["evaluate", "export", "model", "train"]

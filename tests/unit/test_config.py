@@ -1,0 +1,181 @@
+"""segflow.config: params.yaml validation and its error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from segflow.config import Params, ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+def test_repository_params_yaml_validates():
+    params = load_params(ROOT / "params.yaml")
+
+    assert isinstance(params, Params)
+    assert params.split.train + params.split.val + params.split.test == pytest.approx(1.0)
+    assert params.train.encoder_weights is None  # nothing downloads by default
+
+
+def test_load_params_defaults_to_params_yaml_at_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT / "segflow")  # any folder inside the checkout finds the root
+
+    assert load_params() == load_params(ROOT / "params.yaml")
+
+
+def test_params_error_is_a_value_error():
+    assert issubclass(ParamsError, ValueError)
+
+
+def test_unknown_key_names_its_path_and_the_allowed_keys():
+    message = error_of({"train": {"epoch": 10}})
+
+    assert "train.epoch" in message
+    assert "unknown key" in message
+    assert "epochs" in message
+    assert "batch_size" in message
+
+
+def test_unknown_nested_key_lists_the_keys_of_its_own_section():
+    message = error_of({"base": {"normalize": {"meen": 0.5}}})
+
+    assert "base.normalize.meen" in message
+    assert "mean" in message and "std" in message
+
+
+def test_unknown_top_level_section_lists_the_sections():
+    message = error_of({"trian": {}})
+
+    assert "trian" in message
+    for section in ("base", "ingest", "split", "train", "evaluate", "export"):
+        assert section in message
+
+
+def test_wrong_type_names_the_key_and_the_value():
+    message = error_of({"train": {"epochs": "ten"}})
+
+    assert "train.epochs" in message
+    assert "'ten'" in message
+
+
+def test_out_of_range_value_names_the_key():
+    message = error_of({"train": {"epochs": 0}})
+
+    assert "train.epochs" in message
+
+
+def test_split_ratios_not_summing_to_one_name_split_and_the_sum():
+    message = error_of({"split": {"train": 0.7, "val": 0.2, "test": 0.2}})
+
+    assert "split" in message
+    assert "1.1" in message
+
+
+def test_unknown_encoder_names_the_key_and_suggests_close_names():
+    message = error_of({"train": {"encoder": "resnet1"}})
+
+    assert "train.encoder" in message
+    assert "'resnet1'" in message
+    assert "resnet18" in message and "resnet34" in message
+
+
+def test_unknown_architecture_lists_the_architectures():
+    message = error_of({"train": {"architecture": "Unett"}})
+
+    assert "train.architecture" in message
+    assert "'Unett'" in message
+    assert "Unet" in message and "FPN" in message
+
+
+def test_named_encoder_weights_are_rejected_because_they_would_download():
+    message = error_of({"train": {"encoder_weights": "imagenet"}})
+
+    assert "train.encoder_weights" in message
+    assert "download" in message
+
+
+def test_local_encoder_weights_file_is_accepted():
+    params = parse_params({"train": {"encoder_weights": "weights/resnet18.pth"}})
+
+    assert params.train.encoder_weights == "weights/resnet18.pth"
+
+
+def test_semantic_masks_without_mask_values_are_rejected():
+    message = error_of({"ingest": {"mask_kind": "semantic"}})
+
+    assert "ingest" in message
+    assert "mask_values" in message
+
+
+def test_semantic_masks_with_mask_values_are_accepted():
+    params = parse_params({"ingest": {"mask_kind": "semantic", "mask_values": [0, 255]}})
+
+    assert params.ingest.mask_values == [0, 255]
+
+
+def test_every_bad_key_is_reported_at_once():
+    message = error_of({"train": {"epoch": 10}, "evaluate": {"threshold": 2}})
+
+    assert "train.epoch" in message
+    assert "evaluate.threshold" in message
+
+
+def test_digest_is_stable_for_equal_values():
+    a = parse_params({"train": {"epochs": 3, "lr": 0.01}, "base": {"seed": 1}})
+    b = parse_params({"base": {"seed": 1}, "train": {"lr": 0.01, "epochs": 3}})
+
+    assert a.digest() == b.digest()
+    assert load_params(ROOT / "params.yaml").digest() == load_params(ROOT / "params.yaml").digest()
+    assert len(a.digest()) == 64
+    int(a.digest(), 16)  # hex
+
+
+def test_digest_changes_when_a_value_changes():
+    base = parse_params({})
+
+    assert parse_params({"train": {"epochs": 21}}).digest() != base.digest()
+    assert parse_params({"base": {"normalize": {"std": 0.3}}}).digest() != base.digest()
+
+
+def test_load_params_on_missing_file_names_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+
+    with pytest.raises(ParamsError, match="not found") as info:
+        load_params(missing)
+    assert str(missing) in str(info.value)
+
+
+def test_load_params_on_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: [1, 2\n")
+
+    with pytest.raises(ParamsError, match="not valid YAML") as info:
+        load_params(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_params_on_a_list_instead_of_a_mapping_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- train\n- split\n")
+
+    with pytest.raises(ParamsError, match="mapping") as info:
+        load_params(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_params_reports_bad_values_with_the_file_and_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert str(path) in str(info.value)
+    assert "train.epoch" in str(info.value)

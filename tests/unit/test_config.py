@@ -153,20 +153,16 @@ def test_load_params_on_missing_file_names_the_file(tmp_path):
     assert str(missing) in str(info.value)
 
 
-def test_load_params_on_invalid_yaml_names_the_file(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("train:\n  epochs: [1, 2\n", "not valid YAML"), ("- train\n- split\n", "mapping")],
+    ids=["invalid-yaml", "list-not-mapping"],
+)
+def test_load_params_on_a_malformed_file_names_the_file(tmp_path, text, problem):
     path = tmp_path / "params.yaml"
-    path.write_text("train:\n  epochs: [1, 2\n")
+    path.write_text(text)
 
-    with pytest.raises(ParamsError, match="not valid YAML") as info:
-        load_params(path)
-    assert str(path) in str(info.value)
-
-
-def test_load_params_on_a_list_instead_of_a_mapping_names_the_file(tmp_path):
-    path = tmp_path / "params.yaml"
-    path.write_text("- train\n- split\n")
-
-    with pytest.raises(ParamsError, match="mapping") as info:
+    with pytest.raises(ParamsError, match=problem) as info:
         load_params(path)
     assert str(path) in str(info.value)
 

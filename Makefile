@@ -5,6 +5,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# dvc runs stage commands as `python -m stages.<name>`: the venv's python must come first.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 # Offline and quiet by default (a value already in your environment wins).
 export NO_ALBUMENTATIONS_UPDATE ?= 1

@@ -32,11 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     predict.set_defaults(run=_predict)
 
+    promote = commands.add_parser("promote", help="run the promotion gate on the exported candidate")
+    promote.add_argument("--strict", action="store_true", help="exit 1 when the gate refuses (for CI)")
+    promote.set_defaults(run=_promote)
+
+    rollback = commands.add_parser("rollback", help="give 'champion' back to the previous champion")
+    rollback.set_defaults(run=_rollback)
+
     args = parser.parse_args(argv)
     offline_env()
     try:
         return args.run(args) or 0
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # includes ParamsError, StageError
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -52,6 +59,25 @@ def _sample(args) -> int:
         raise ValueError("--count must be at least 1 and --size at least 32")
     written = generate_sample(args.out, spec)
     print(f"wrote {len(written)} images of {spec.size}x{spec.size} with instance masks to {args.out}")
+    return 0
+
+
+def _promote(args) -> int:
+    from segflow.config import load_params
+    from segflow.release import describe, promote
+
+    report = promote(load_params())
+    print(describe(report))
+    return 1 if args.strict and not report["decision"]["promote"] else 0
+
+
+def _rollback(args) -> int:
+    from segflow.config import load_params
+    from segflow.release import rollback
+
+    result = rollback(load_params())
+    print(f"champion: version {result['demoted']} -> version {result['champion']}")
+    print(f"bento: {result['bento']['bento_tag']}")
     return 0
 
 

@@ -160,6 +160,25 @@ class ExportParams(_Section):
     registered_model_name: str = Field("segflow-segmenter", min_length=1)
 
 
+GATE_METRICS = ("dice", "iou", "precision", "recall", "dice_pooled")
+
+
+class PromoteParams(_Section):
+    minimums: dict[str, float] = {"dice": 0.85, "iou": 0.75}
+    max_regression: dict[str, float] = {"dice": 0.005, "iou": 0.01}
+
+    @field_validator("minimums", "max_regression")
+    @classmethod
+    def _known_metrics(cls, values: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(values) - set(GATE_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; the gate knows: {', '.join(GATE_METRICS)}")
+        negative = sorted(k for k, v in values.items() if v < 0)
+        if negative:
+            raise ValueError(f"{negative} must not be negative")
+        return values
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     ingest: IngestParams = IngestParams()
@@ -168,6 +187,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    promote: PromoteParams = PromoteParams()
 
     def digest(self) -> str:
         """Stable sha256 of the validated values (the `params_hash` lineage tag)."""

@@ -47,6 +47,16 @@ def assign_splits(
     return manifest[group_column].astype(str).map(split_of_group).rename("split")
 
 
+def split_hash(frame: pd.DataFrame) -> str:
+    """Identity of a split's contents: changes when any image in it is added, removed or edited."""
+    import hashlib
+
+    items = sorted(
+        f"{i}:{h}" for i, h in zip(frame["id"].astype(str), frame["content_hash"].astype(str), strict=True)
+    )
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+
+
 def check_leakage(frames: dict[str, pd.DataFrame], columns: tuple[str, ...] = ("id", "content_hash")) -> None:
     """Raise LeakageError naming the items when any `columns` value is in two splits."""
     for column in columns:

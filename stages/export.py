@@ -60,7 +60,11 @@ def main() -> None:
             mlflow.log_metrics({"parity_max_abs_diff": parity["max_abs_diff"]})
             mlflow.log_dict(parity, "parity.json")
         example = normalize(test[0].image, prep)[None, :, :64, :64]  # (1, C, 64, 64) float32
-        version_tags = {**tags, "segflow.stage": "export"}
+        version_tags = {
+            **tags,
+            "segflow.stage": "export",
+            "segflow.test_hash": read_json(SPLIT / "summary.json")["test_hash"],
+        }
         version_tags |= {f"test_{k}": v for k, v in metrics["test"].items()}
         registration = tracking.register_onnx(
             parent_id,

@@ -14,7 +14,7 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
-from segflow.splits import SPLITS, assign_splits, check_leakage
+from segflow.splits import SPLITS, assign_splits, check_leakage, split_hash
 
 
 def main() -> None:
@@ -28,9 +28,13 @@ def main() -> None:
     with replace_dir(SPLIT) as out:
         for name, frame in frames.items():
             frame.to_csv(out / f"{name}.csv", index=False)
-        write_json(
-            out / SUMMARY, {"counts": counts, "seed": params.base.seed, "data_hash": data_hash(CONVERTED)}
-        )
+        summary = {
+            "counts": counts,
+            "seed": params.base.seed,
+            "data_hash": data_hash(CONVERTED),
+            "test_hash": split_hash(frames["test"]),  # the gate compares champions on the same test set
+        }
+        write_json(out / SUMMARY, summary)
 
     tags = tracking.lineage_tags("split", params.digest(), data_hash(CONVERTED))
     with tracking.stage_run("split", tags):

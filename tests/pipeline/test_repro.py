@@ -13,7 +13,7 @@ from tests.pipeline.conftest import run
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("ingest", "convert", "split", "train", "evaluate", "export")
+STAGES = ("ingest", "convert", "split", "train", "evaluate", "export", "promote")
 
 
 def _client(repo: Path):
@@ -64,13 +64,13 @@ def test_second_repro_runs_nothing_and_status_is_clean(built_repo: Path):
     assert "up to date" in status.stdout, status.stdout
 
 
-def test_changing_epochs_reruns_only_train_evaluate_export(repo_copy: Path):
+def test_changing_epochs_reruns_only_the_model_stages(repo_copy: Path):
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     params["train"]["epochs"] = 3
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
     log = run(["dvc", "repro"], repo_copy).stdout  # a dry run cannot see downstream changes
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in log}
-    assert ran == {"train", "evaluate", "export"}, log
+    assert ran == {"train", "evaluate", "export", "promote"}, log
 
 
 def test_stage_runs_are_grouped_per_model_with_lineage_tags(built_repo: Path):
@@ -83,7 +83,12 @@ def test_stage_runs_are_grouped_per_model_with_lineage_tags(built_repo: Path):
 
     parent_id = json.loads((built_repo / "artifacts/model/run.json").read_text())["run_id"]
     children = client.search_runs([model_exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(r.data.tags["segflow.stage"] for r in children) == ["evaluate", "export", "train"]
+    assert sorted(r.data.tags["segflow.stage"] for r in children) == [
+        "evaluate",
+        "export",
+        "promote",
+        "train",
+    ]
 
     commit = run(["git", "rev-parse", "HEAD"], built_repo).stdout.strip()
     data_hash = json.loads((built_repo / "artifacts/ingested/summary.json").read_text())["data_hash"]
@@ -179,7 +184,7 @@ def test_dvc_exp_run_temp_logs_to_the_repository_store(repo_copy: Path):
     # --temp runs in a copy under .dvc/tmp/exps; its runs must reach the copy's mlflow.db.
     run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "train.epochs=1"], repo_copy)
     stages = sorted(r.data.tags["segflow.stage"] for r in _experiment_runs(repo_copy, "temp-exp"))
-    assert stages == ["evaluate", "export", "model", "train"]
+    assert stages == ["evaluate", "export", "model", "promote", "train"]
 
 
 def test_dvc_queue_logs_to_the_repository_store(repo_copy: Path):
@@ -195,4 +200,4 @@ def test_dvc_queue_logs_to_the_repository_store(repo_copy: Path):
         time.sleep(3)
     assert "Success" in status, status
     stages = sorted(r.data.tags["segflow.stage"] for r in _experiment_runs(repo_copy, "queued-exp"))
-    assert stages == ["evaluate", "export", "model", "train"]
+    assert stages == ["evaluate", "export", "model", "promote", "train"]

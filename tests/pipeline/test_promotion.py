@@ -1,0 +1,169 @@
+"""The promotion gate end to end: real dvc stages, MLflow registry, BentoML store and server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from segflow.bento import FORBIDDEN_REQUIREMENTS
+from tests.pipeline.conftest import BIN, run
+
+pytestmark = pytest.mark.slow
+
+
+def _client(repo: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _champion(repo: Path) -> str:
+    return str(_client(repo).get_model_version_by_alias("segflow-segmenter", "champion").version)
+
+
+def _set_params(repo: Path, **changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _report(repo: Path) -> dict:
+    return json.loads((repo / "reports/promotion.json").read_text())
+
+
+def test_first_model_becomes_champion_with_a_slim_labelled_bento(built_repo: Path):
+    report = _report(built_repo)
+    assert report["decision"]["promote"] and report["champion"] is None
+    assert [c["name"] for c in report["decision"]["checks"]] == ["minimum dice", "minimum iou"]
+    assert _champion(built_repo) == "1"
+
+    packaged = report["bento"]
+    requirements = " ".join(packaged["requirements"]).lower()
+    assert "onnxruntime" in requirements
+    for name in FORBIDDEN_REQUIREMENTS:
+        assert not any(r.lower().startswith(name) for r in packaged["requirements"]), name
+    assert Path(packaged["dockerfile"]).is_file()
+
+    bento = json.loads(run(["bentoml", "get", packaged["bento_tag"], "-o", "json"], built_repo).stdout)
+    labels = bento["labels"]
+    commit = run(["git", "rev-parse", "HEAD"], built_repo).stdout.strip()
+    data_hash = json.loads((built_repo / "artifacts/ingested/summary.json").read_text())["data_hash"]
+    assert labels["registry_name"] == "segflow-segmenter" and labels["registry_version"] == "1"
+    assert labels["git_commit"] == commit and labels["data_hash"] == data_hash
+    version = _client(built_repo).get_model_version("segflow-segmenter", "1")
+    assert version.tags["validation_status"] == "passed"
+
+
+def test_worse_model_on_changed_data_is_refused(repo_copy: Path):
+    # New data (so the champion must be re-evaluated on the new test split) and a model
+    # that predicts almost nothing (threshold 0.999).
+    run(["segflow", "sample", "--out", "data", "--count", "16", "--size", "64", "--seed", "7"], repo_copy)
+    _set_params(repo_copy, evaluate={"threshold": 0.999})
+    run(["dvc", "repro"], repo_copy)
+
+    report = _report(repo_copy)
+    assert not report["decision"]["promote"]
+    assert report["champion"]["version"] == "1"
+    assert report["champion"]["source"] == "re-evaluated on the current test split"
+    failed = {c["name"] for c in report["decision"]["checks"] if not c["passed"]}
+    assert "no regression in dice" in failed
+    assert _champion(repo_copy) == "1"
+    assert "bento" not in report
+    version = _client(repo_copy).get_model_version("segflow-segmenter", report["candidate"]["version"])
+    assert version.tags["validation_status"] == "failed"
+
+    strict = run(["segflow", "promote", "--strict"], repo_copy, check=False)
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+    assert "REFUSED" in strict.stdout
+    assert run(["segflow", "promote"], repo_copy).returncode == 0  # refusal is not an error without --strict
+
+
+def test_new_champion_then_rollback_restores_the_previous_one(repo_copy: Path):
+    # The regression allowance is opened wide: this test is about the moves, the gate's
+    # arithmetic is covered by the decision-table tests.
+    _set_params(repo_copy, train={"epochs": 3}, promote={"max_regression": {"dice": 1.0, "iou": 1.0}})
+    run(["dvc", "repro"], repo_copy)
+    report = _report(repo_copy)
+    assert report["decision"]["promote"] and report["previous_champion"] == "1"
+    assert _champion(repo_copy) == "2"
+
+    result = run(["segflow", "rollback"], repo_copy)
+    assert "version 2 -> version 1" in result.stdout
+    assert _champion(repo_copy) == "1"
+    bento_tag = result.stdout.strip().splitlines()[-1].split("bento: ")[1]
+    bento = json.loads(run(["bentoml", "get", bento_tag, "-o", "json"], repo_copy).stdout)
+    assert bento["labels"]["registry_version"] == "1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post_file(url: str, field: str, path: Path) -> tuple[int, bytes]:
+    boundary = "segflowtestboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{path.name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status, response.read()
+
+
+def test_bento_serves_the_champion_from_outside_the_repository(built_repo: Path, tmp_path: Path):
+    from PIL import Image
+
+    from segflow.images import read_image
+    from segflow.inference import Segmenter
+
+    bento_tag = _report(built_repo)["bento"]["bento_tag"]
+    port = _free_port()
+    env = {**os.environ, "BENTOML_HOME": str(built_repo / ".bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    server = subprocess.Popen(
+        [str(BIN / "bentoml"), "serve", bento_tag, "--port", str(port), "--host", "127.0.0.1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+            assert server.poll() is None, server.stdout.read()
+        image_path = sorted((built_repo / "data/images").iterdir())[0]
+        status, body = _post_file(f"http://127.0.0.1:{port}/segment_mask", "image", image_path)
+        assert status == 200
+        served = np.asarray(Image.open(__import__("io").BytesIO(body)))
+        expected = Segmenter.from_onnx(
+            built_repo / "artifacts/export/model.onnx", built_repo / "artifacts/export/preprocessing.json"
+        ).predict_one(read_image(image_path))
+        assert served.shape == expected.mask.shape
+        assert np.array_equal(served, expected.mask)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()

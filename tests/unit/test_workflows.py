@@ -1,0 +1,50 @@
+"""The GitHub Actions workflows validate against the GitHub-workflow JSON schema, offline.
+
+check-jsonschema ships the schema inside the package (`--builtin-schema`), so nothing is
+fetched. A broken workflow file is only noticed on GitHub otherwise.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+CHECK = Path(sys.executable).parent / "check-jsonschema"
+
+
+def _validate(*paths: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(CHECK), "--builtin-schema", "vendor.github-workflows", *map(str, paths)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_both_workflows_exist():
+    assert {p.name for p in WORKFLOWS} == {"ci.yml", "promote.yml"}
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_matches_the_github_schema(workflow: Path):
+    result = _validate(workflow)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_validator_rejects_a_broken_workflow(tmp_path: Path):
+    broken = tmp_path / "broken.yml"
+    broken.write_text("on: push\njobs:\n  test:\n    steps: []\n")  # no runs-on
+    assert _validate(broken).returncode != 0
+
+
+def test_ci_runs_the_readme_test_command_and_promote_is_strict():
+    ci = yaml.safe_load((ROOT / ".github/workflows/ci.yml").read_text())
+    promote = yaml.safe_load((ROOT / ".github/workflows/promote.yml").read_text())
+    ci_steps = [s.get("run", "") for s in ci["jobs"]["test"]["steps"]]
+    assert "make test" in ci_steps and "make lint" in ci_steps
+    promote_runs = " ".join(s.get("run", "") for s in promote["jobs"]["promote"]["steps"])
+    assert "segflow promote --strict" in promote_runs and "bentoml containerize" in promote_runs

@@ -15,8 +15,9 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 export DVC_NO_ANALYTICS ?= 1
 export HF_HUB_OFFLINE ?= 1
+export BENTOML_DO_NOT_TRACK ?= True
 
-.PHONY: help setup data run test test-fast lint format mlflow clean
+.PHONY: help setup data run test test-fast lint format mlflow serve clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,6 +54,9 @@ format: setup ## apply ruff fixes and formatting
 
 mlflow: setup ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+serve: setup ## serve the champion with BentoML on http://127.0.0.1:3000
+	$(BIN)/bentoml serve service:svc
 
 clean: ## remove pipeline outputs in the workspace (the DVC cache keeps them: `dvc checkout` restores)
 	rm -rf artifacts predictions

@@ -99,24 +99,3 @@ def bento_size(bento_tag: str) -> int:
     bentoml = _bentoml()
     bento = bentoml.bentos.get(bento_tag)
     return int(bento.total_size())
-
-
-def write_container_context(bento_tag: str, dest: Path) -> Path:
-    """Write the docker build context (Bento + its models + Dockerfile) to `dest`.
-
-    `bentoml containerize` needs a Docker engine; this writes exactly what it would build
-    from, so CI (or anyone with Docker) can run `docker build dest`.
-
-    Returns:
-        The Dockerfile's path inside dest.
-    """
-    bentoml = _bentoml()
-    from bentoml._internal.container import construct_containerfile
-
-    shutil.rmtree(dest, ignore_errors=True)
-    with construct_containerfile(bentoml.bentos.get(bento_tag), enable_buildkit=False) as (
-        context,
-        dockerfile,
-    ):
-        shutil.copytree(context, dest)
-        return dest / Path(dockerfile).relative_to(context)

@@ -111,6 +111,22 @@ class TrainParams(_Section):
     threads: int = Field(2, ge=1)
     augment: Augment = Augment()
 
+    @field_validator("decoder_channels")
+    @classmethod
+    def _five_decoder_stages(cls, channels: list[int]) -> list[int]:
+        if len(channels) != 5 or min(channels) < 1:
+            raise ValueError(f"need 5 positive channel counts, one per decoder stage, got {channels}")
+        return channels
+
+    @field_validator("crop_size")
+    @classmethod
+    def _crop_fits_the_network(cls, crop: int | None) -> int | None:
+        if crop is not None and crop % 32:
+            raise ValueError(
+                f"{crop} is not a multiple of 32 (the encoder halves it 5 times); try {crop // 32 * 32 or 32}"
+            )
+        return crop
+
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, name: str) -> str:
@@ -188,6 +204,16 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     promote: PromoteParams = PromoteParams()
+
+    @model_validator(mode="after")
+    def _foreground_is_a_mask_value(self) -> Params:
+        fg, allowed = self.convert.foreground_values, self.ingest.mask_values
+        if self.ingest.mask_kind == "semantic" and fg is not None and not set(fg) <= set(allowed or []):
+            raise ValueError(
+                f"convert.foreground_values {fg} must be among ingest.mask_values {allowed}; "
+                "otherwise every mask would be empty"
+            )
+        return self
 
     def digest(self) -> str:
         """Stable sha256 of the validated values (the `params_hash` lineage tag)."""

@@ -61,33 +61,47 @@ def build_model(spec: dict, encoder_weights: str | None = None) -> torch.nn.Modu
         The torch module, producing (N, classes, H, W) float32 logits.
     """
     import segmentation_models_pytorch as smp
-    import torch
 
     spec = dict(spec)
     encoder = spec.pop("encoder")
+    in_channels = spec.pop("in_channels")
     model = smp.create_model(
         arch=spec.pop("architecture"),
         encoder_name=encoder,
         encoder_weights=None,  # never let smp download; local weights load below
+        # Pretrained encoder weights are RGB: load them into 3 channels, then adapt.
+        in_channels=3 if encoder_weights else in_channels,
         **spec,
     )
     if encoder_weights:
-        path = Path(encoder_weights)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"train.encoder_weights: {path} does not exist; download the weights file "
-                "first or set encoder_weights: null"
-            )
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, _ = model.encoder.load_state_dict(state, strict=False)
-        if len(missing) == len(model.encoder.state_dict()):
-            raise ValueError(
-                f"train.encoder_weights: no tensor in {path} matches encoder "
-                f"{encoder!r}; is it the right file?"
-            )
+        _load_encoder_weights(model.encoder, Path(encoder_weights), encoder)
+        if in_channels != 3:
+            model.encoder.set_in_channels(in_channels, pretrained=True)
     return model
+
+
+def _load_encoder_weights(module, path: Path, encoder: str) -> None:
+    """Load the tensors of a weights file that fit the encoder (by name and shape)."""
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"train.encoder_weights: {path} does not exist; download the weights file "
+            "first or set encoder_weights: null"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = module.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not usable:
+        raise ValueError(
+            f"train.encoder_weights: no tensor in {path} fits encoder {encoder!r} "
+            "(names or shapes differ); is it the weights file for this encoder?"
+        )
+    # torch's own loader: some smp encoders override load_state_dict and drop strict=False.
+    torch.nn.Module.load_state_dict(module, usable, strict=False)

@@ -145,6 +145,8 @@ def roll_back_champion(client, name: str) -> tuple[str, str]:
     import json
 
     current = version_with_alias(client, name, CHAMPION)
+    if current is None:
+        raise ValueError(f"{name} has no champion in this registry; nothing to roll back")
     history = champion_history(client, name)
     if current is None or len(history) < 2:
         raise ValueError(f"{name} has no earlier champion to roll back to (history: {history or 'empty'})")

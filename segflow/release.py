@@ -40,6 +40,7 @@ def promote(params: Params) -> dict:
     client = mlflow.tracking.MlflowClient()
     registration = read_json(EXPORT / "registration.json")
     name, version = registration["name"], str(registration["version"])
+    _require_version(client, name, version)
     candidate = _gate_metrics(read_json(REPORTS / "metrics.json")["test"])
     test_hash = read_json(SPLIT / "summary.json")["test_hash"]
 
@@ -137,6 +138,19 @@ def download_model(name: str, version: str, dest: Path) -> Path:
     return dest
 
 
+def _require_version(client, name: str, version: str) -> None:
+    """Fail clearly when the exported candidate is not in this store (another machine's)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise StageError(
+            f"{name} version {version} (from {EXPORT / 'registration.json'}) is not in the registry at "
+            f"{tracking.tracking_uri()}; re-register it with `dvc repro -f export`"
+        ) from None
+
+
 def _gate_metrics(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k in GATE_METRICS}
 
@@ -183,8 +197,8 @@ def describe(report: dict) -> str:
     for check in decision["checks"]:
         lines.append(f"  [{'ok' if check['passed'] else 'FAIL'}] {check['detail']}")
     if report.get("already_champion"):
-        lines.append("already the champion: nothing to move")
-    if decision["promote"]:
+        lines.append(f"version {candidate['version']} is already the champion: nothing to move")
+    elif decision["promote"]:
         lines.append(f"PROMOTED: version {candidate['version']} is now 'champion'")
         if report.get("bento"):
             tag = report["bento"]["bento_tag"]

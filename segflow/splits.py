@@ -48,12 +48,12 @@ def assign_splits(
 
 
 def split_hash(frame: pd.DataFrame) -> str:
-    """Identity of a split's contents: changes when any image in it is added, removed or edited."""
+    """Identity of a split's contents: changes when any image or mask in it is added, removed or edited."""
     import hashlib
 
-    items = sorted(
-        f"{i}:{h}" for i, h in zip(frame["id"].astype(str), frame["content_hash"].astype(str), strict=True)
-    )
+    masks = frame["mask_hash"].astype(str) if "mask_hash" in frame else [""] * len(frame)
+    ids, images = frame["id"].astype(str), frame["content_hash"].astype(str)
+    items = sorted(f"{i}:{h}:{m}" for i, h, m in zip(ids, images, masks, strict=True))
     return hashlib.sha256("\n".join(items).encode()).hexdigest()
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from segflow.config import Params
 from segflow.images import read_image
-from segflow.inference import Preprocessing, Segmenter, normalize
+from segflow.inference import Preprocessing, Segmenter, normalize, to_unit_range
 from segflow.metrics import confusion, summarize
 from segflow.models import build_model, model_spec
 from segflow.runtime import offline_env
@@ -78,7 +78,9 @@ class _AugmentedDataset:
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        out = self.augment(image=s.image, mask=s.mask)
+        # albumentations handles uint8 and float32; other types (16-bit) go as [0, 1] floats.
+        image = s.image if s.image.dtype == np.uint8 else to_unit_range(s.image)
+        out = self.augment(image=image, mask=s.mask)
         x = normalize(out["image"], self.prep)  # (C, h, w) float32
         y = (out["mask"] > 0).astype(np.float32)[None]  # (1, h, w) float32
         return x, y

@@ -23,6 +23,8 @@ INGEST_RULES: list[tuple[str, str, dict]] = [
     ("every mask has an image", "ExpectColumnValuesToNotBeNull", {"column": "image"}),
     ("every image is readable", "ExpectColumnValuesToBeInSet",
      {"column": "image_readable", "value_set": [True]}),
+    ("every image has a supported pixel type", "ExpectColumnValuesToBeInSet",
+     {"column": "dtype_ok", "value_set": [True]}),
     ("every mask is readable", "ExpectColumnValuesToBeInSet",
      {"column": "mask_readable", "value_set": [True]}),
     ("every mask has its image's size", "ExpectColumnPairValuesToBeEqual",

@@ -13,6 +13,7 @@ from segflow.artifacts import (
     CONVERTED,
     INGESTED,
     SUMMARY,
+    StageError,
     data_hash,
     read_json,
     read_manifest,
@@ -21,7 +22,7 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
-from segflow.images import read_image, write_png
+from segflow.images import content_hash, read_image, write_png
 from segflow.masks import instances_to_semantic, relabel_sequential, semantic_from_values
 
 
@@ -36,6 +37,11 @@ def main() -> None:
                 convert_one(row, source, out, params.ingest.mask_kind, params.convert.foreground_values)
             )
         converted = pd.DataFrame(rows)
+        if not (converted["foreground_fraction"] > 0).any():
+            raise StageError(
+                "convert: every mask is empty after conversion; check ingest.mask_kind, "
+                "ingest.mask_values and convert.foreground_values in params.yaml"
+            )
         converted.to_csv(out / "manifest.csv", index=False)
         summary = {"images": len(converted), "data_hash": data_hash(INGESTED),
                    "foreground_fraction": float(converted["foreground_fraction"].mean())}  # fmt: skip
@@ -70,6 +76,7 @@ def convert_one(row, source: Path, out: Path, mask_kind: str, foreground_values)
         semantic = semantic_from_values(raw_mask, foreground_values)
         result["objects"] = ""
     write_png(out / result["mask"], semantic)
+    result["mask_hash"] = content_hash(semantic)
     result["foreground_fraction"] = float(np.mean(semantic > 0))
     return result
 

@@ -36,7 +36,9 @@ def main() -> None:
         )
     FAILED_REPORT.unlink(missing_ok=True)
 
-    digest = hashlib.sha256("".join(sorted(manifest["content_hash"])).encode()).hexdigest()
+    # Images and masks both: corrected annotations are new data too.
+    pairs = sorted(f"{i}:{m}" for i, m in zip(manifest["content_hash"], manifest["mask_hash"], strict=True))
+    digest = hashlib.sha256("\n".join(pairs).encode()).hexdigest()
     summary = {"source": str(source), "images": len(manifest), "data_hash": digest,
                "objects": int(manifest["objects"].fillna(0).sum())}  # fmt: skip
     with replace_dir(INGESTED) as out:

@@ -7,6 +7,7 @@ from segflow.artifacts import (
     CONVERTED,
     SPLIT,
     SUMMARY,
+    StageError,
     data_hash,
     read_manifest,
     replace_dir,
@@ -21,9 +22,12 @@ def main() -> None:
     params = load_params()
     manifest = read_manifest(CONVERTED / "manifest.csv")
     ratios = params.split.model_dump()
-    manifest["split"] = assign_splits(manifest, ratios, params.base.seed)
-    frames = {name: manifest[manifest["split"] == name].drop(columns="split") for name in SPLITS}
-    check_leakage(frames)
+    try:
+        manifest["split"] = assign_splits(manifest, ratios, params.base.seed)
+        frames = {name: manifest[manifest["split"] == name].drop(columns="split") for name in SPLITS}
+        check_leakage(frames)
+    except ValueError as exc:  # too few images for the ratios, or leakage
+        raise StageError(f"split: {exc} (see params.yaml `split` and `ingest.min_images`)") from None
     counts = {name: len(frame) for name, frame in frames.items()}
     with replace_dir(SPLIT) as out:
         for name, frame in frames.items():

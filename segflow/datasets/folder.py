@@ -16,7 +16,7 @@ from segflow.images import IMAGE_SUFFIXES, ImageReadError, content_hash, read_im
 MANIFEST_COLUMNS = [
     "id", "image", "mask", "image_readable", "mask_readable", "height", "width", "channels",
     "dtype", "mask_height", "mask_width", "size", "mask_size", "mask_values_ok", "objects",
-    "content_hash", "problem",
+    "content_hash", "mask_hash", "dtype_ok", "problem",
 ]  # fmt: skip
 
 
@@ -114,10 +114,15 @@ def _inspect(stem, image_path, mask_path, root, mask_kind, mask_values) -> dict:
             dtype=str(image.dtype), content_hash=content_hash(image),
             size=f"{image.shape[1]}x{image.shape[0]}",
         )  # fmt: skip
+        dtype_problem = _check_image_dtype(image)
+        row["dtype_ok"] = not dtype_problem
+        if dtype_problem:
+            problems.append(dtype_problem)
     if mask is not None:
         row.update(
             mask_height=mask.shape[0], mask_width=mask.shape[1], mask_size=f"{mask.shape[1]}x{mask.shape[0]}"
         )
+        row["mask_hash"] = content_hash(mask)
         ok, detail, objects = _check_mask_values(mask, mask_kind, mask_values)
         row.update(mask_values_ok=ok, objects=objects)
         if not ok:
@@ -126,6 +131,19 @@ def _inspect(stem, image_path, mask_path, root, mask_kind, mask_values) -> dict:
         problems.append(f"mask {row['mask']} is {row['mask_size']} but the image is {row['size']}")
     row["problem"] = "; ".join(problems)
     return row
+
+
+def _check_image_dtype(image: np.ndarray) -> str:
+    """'' when inference can scale this image to [0, 1], else the reason it cannot."""
+    if image.dtype in (np.uint8, np.uint16):
+        return ""
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            return "image has NaN or infinite values"
+        if image.min() < 0 or image.max() > 1:
+            return f"float image values span [{image.min():g}, {image.max():g}]; expected [0, 1]"
+        return ""
+    return f"image dtype {image.dtype} is not supported; use 8- or 16-bit unsigned, or float in [0, 1]"
 
 
 def _check_mask_values(mask: np.ndarray, kind: str, allowed: list[int] | None) -> tuple[bool, str, int]:

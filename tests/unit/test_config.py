@@ -175,3 +175,25 @@ def test_load_params_reports_bad_values_with_the_file_and_key(tmp_path):
         load_params(path)
     assert str(path) in str(info.value)
     assert "train.epoch" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "words"),
+    [
+        ({"train": {"decoder_channels": [16, 16, 16]}}, "train.decoder_channels", "5 positive"),
+        ({"train": {"crop_size": 100}}, "train.crop_size", "multiple of 32"),
+        (
+            {
+                "ingest": {"mask_kind": "semantic", "mask_values": [0, 1]},
+                "convert": {"foreground_values": [255]},
+            },
+            "convert.foreground_values",
+            "every mask would be empty",
+        ),
+    ],
+    ids=["decoder-depth", "crop-not-multiple-of-32", "foreground-not-a-mask-value"],
+)
+def test_values_the_network_or_data_cannot_use_fail_early(override, key, words):
+    with pytest.raises(ParamsError) as info:
+        parse_params(override)
+    assert key in str(info.value) and words in str(info.value)

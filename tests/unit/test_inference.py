@@ -373,3 +373,34 @@ def test_parity_fails_when_one_backend_returns_nan():
 
     with pytest.raises(ParityError):
         check_parity(reference, broken, images, atol=1e-4)
+
+
+def test_training_items_from_16_bit_images_match_their_8_bit_twins():
+    from segflow.config import parse_params
+    from segflow.training import Sample, _AugmentedDataset, build_augmentations, preprocessing_from
+
+    params = parse_params(
+        {
+            "train": {
+                "crop_size": None,
+                "augment": {
+                    "hflip": 0,
+                    "vflip": 0,
+                    "rotate90": 0,
+                    "brightness_contrast": 0,
+                    "gauss_noise": 0,
+                },
+            }
+        }
+    )
+    rng = np.random.default_rng(0)
+    image8 = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    image16 = image8.astype(np.uint16) * 257  # the same intensities on the 16-bit scale
+    mask = (image8 > 128).astype(np.uint8)
+    prep = preprocessing_from(params)
+    items = [
+        _AugmentedDataset([Sample("a", img, mask)], build_augmentations(params), prep)[0]
+        for img in (image8, image16)
+    ]
+    np.testing.assert_allclose(items[0][0], items[1][0], atol=1e-5)
+    np.testing.assert_array_equal(items[0][1], items[1][1])

@@ -93,7 +93,8 @@ def registry(tmp_path, monkeypatch):
     model.ir_version = 10
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path))
-    mlflow.set_experiment("t")
+    # An explicit artifact location: the default (./mlruns) would write into the checkout.
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("t", (tmp_path / "art").as_uri()))
     for _ in range(3):
         with mlflow.start_run():
             mlflow.onnx.log_model(onnx.load(str(path)), name="m", registered_model_name="seg")
@@ -119,5 +120,5 @@ def test_move_champion_and_roll_back(registry):
 def test_roll_back_without_champion_is_refused(registry):
     from segflow.promotion import roll_back_champion
 
-    with pytest.raises(ValueError, match="no earlier champion"):
+    with pytest.raises(ValueError, match="has no champion"):
         roll_back_champion(registry, "seg")

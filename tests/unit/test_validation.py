@@ -247,3 +247,29 @@ def test_two_images_with_the_same_stem_are_not_silently_dropped(tmp_path):
         return
     assert not report.success
     assert "img0.tif" in report.render()
+
+
+def test_an_image_type_inference_cannot_scale_is_reported(tmp_path):
+    import tifffile
+
+    write_good_folder(tmp_path)
+    tifffile.imwrite(tmp_path / "images" / "signed.tif", np.full((24, 32), -5, np.int16))
+    write_png(tmp_path / "masks" / "signed.png", instance_mask())
+
+    _, report = ingest(tmp_path, "instance")
+
+    assert not report.success
+    failing = failing_checks(report)["every image has a supported pixel type"]
+    assert failing[0]["file"] == "images/signed.tif" and "int16" in failing[0]["reason"]
+
+
+def test_data_hash_inputs_include_the_masks(tmp_path):
+    write_good_folder(tmp_path)
+    before, _ = ingest(tmp_path, "instance")
+    mask = sorted((tmp_path / "masks").iterdir())[0]
+    edited = np.asarray(Image.open(mask)).copy()
+    edited[0, 0] = 9
+    write_png(mask, edited)
+    after, _ = ingest(tmp_path, "instance")
+    assert list(before["content_hash"]) == list(after["content_hash"])
+    assert list(before["mask_hash"]) != list(after["mask_hash"])

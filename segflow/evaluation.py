@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from segflow.baseline import otsu_segment
+from segflow.images import write_png
 from segflow.inference import Segmenter, to_channels, to_unit_range
 from segflow.masks import outline
 from segflow.metrics import confusion, summarize
@@ -46,3 +49,12 @@ def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarra
     rgb[outline(truth)] = TRUE_COLOUR
     rgb[outline(pred)] = PRED_COLOUR
     return rgb
+
+
+def write_overlays(folder: Path, samples: list[Sample], predictions: list, count: int) -> None:
+    """Replace `folder` with overlays of the first `count` samples (named by sample id)."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    for sample, prediction in list(zip(samples, predictions, strict=True))[:count]:
+        write_png(folder / f"{sample.id}.png", overlay(sample.image, sample.mask, prediction.mask))

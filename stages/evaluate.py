@@ -6,8 +6,6 @@ reports/plots/per_image.csv and overlay pictures of a few test predictions.
 
 from __future__ import annotations
 
-import shutil
-
 import pandas as pd
 
 from segflow import tracking
@@ -24,8 +22,7 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
-from segflow.evaluation import overlay, score_split, threshold_baseline
-from segflow.images import write_png
+from segflow.evaluation import score_split, threshold_baseline, write_overlays
 from segflow.inference import Segmenter
 from segflow.runtime import set_threads
 from segflow.training import load_samples
@@ -50,7 +47,7 @@ def main() -> None:
     write_json(METRICS, results)
     PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(PER_IMAGE, index=False)
-    _write_overlays(samples["test"], predictions["test"], params.evaluate.overlays)
+    write_overlays(OVERLAYS, samples["test"], predictions["test"], params.evaluate.overlays)
 
     tags = tracking.lineage_tags("evaluate", params.digest(), data_hash(SPLIT))
     with tracking.model_stage_run("evaluate", tags, MODEL) as (parent_id, _):
@@ -70,12 +67,6 @@ def main() -> None:
     test, base = results["test"], results["baseline"]["test"]
     print(f"evaluate: test Dice {test['dice']:.4f} IoU {test['iou']:.4f} "
           f"(Otsu baseline Dice {base['dice']:.4f}) on {test['images']} images")  # fmt: skip
-
-
-def _write_overlays(samples, predictions, count: int) -> None:
-    shutil.rmtree(OVERLAYS, ignore_errors=True)
-    for sample, prediction in list(zip(samples, predictions, strict=True))[:count]:
-        write_png(OVERLAYS / f"{sample.id}.png", overlay(sample.image, sample.mask, prediction.mask))
 
 
 if __name__ == "__main__":

@@ -1,75 +1,275 @@
 """The segmentation service: `bentoml serve service:svc`.
 
-Serves the model in the BentoML store through segflow.inference on ONNX Runtime, the same
-path evaluation measured. Inside a built Bento the model is the one pinned at build time
-(build argument `model_tag`); from the repository it is the newest imported, which the
-promotion step keeps equal to the registry's `champion`.
+Serves the champion through segflow.inference on ONNX Runtime, the path evaluation
+measured. Inside a built Bento the model is the one pinned at build time (build argument
+`model_tag`); from the repository it is the newest imported, which the promotion step
+keeps equal to the registry's `champion`. `SEGFLOW_MODEL_TAG` picks another.
+
+Endpoints (POST takes multipart/form-data: `image`, or `images` for the batch):
+  POST /segment          JSON: objects (id, class, area, bbox, polygon, score), count,
+                         class fractions, COCO RLE masks, model
+  POST /segment_batch    the same for up to serve.max_batch_images images
+  POST /segment_mask     PNG of class ids
+  POST /segment_overlay  PNG of the input with every object outlined
+  GET  /metadata         model, registry version, test metrics, lineage, input contract
+  GET  /stats            recent traffic, latency percentiles, errors, input drift
+  GET  /                 a page to try it; GET /docs the OpenAPI explorer
+  /healthz /readyz /livez /metrics come from BentoML.
+
+Every refusal is a 4xx JSON {"error": ..., "status": ..., "request_id": ...}.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import os
 import time
 from pathlib import Path
 from typing import Annotated
 
 import bentoml
-from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
 
 with bentoml.importing():
-    from PIL import Image
+    from starlette.applications import Starlette
+    from starlette.responses import FileResponse, JSONResponse, Response
+    from starlette.routing import Route
 
-    from segflow.images import ImageReadError, read_image
+    from segflow.batching import MicroBatcher
+    from segflow.config import load_params
+    from segflow.gatekeeper import Gatekeeper, error_response
     from segflow.inference import Segmenter
+    from segflow.monitoring import RequestLog, intensity_mean, load_reference
+    from segflow.results import answer, mask_png, model_info, overlay_png
+    from segflow.uploads import UploadError, UploadLimits, decode_upload
 
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "segflow" / "static"
 MODEL_TAG = getattr(bentoml.use_arguments(), "model_tag", None) or os.environ.get(
     "SEGFLOW_MODEL_TAG", "segflow-segmenter:latest"
 )
+MODEL_TIMEOUT_S = 55.0  # below the 60 s request timeout
+PNG = Annotated[bytes, ContentType("image/png")]
+
+objects_per_image = bentoml.metrics.Histogram(
+    name="segflow_objects_per_image",
+    documentation="Objects found per segmented image",
+    buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+model_batch_size = bentoml.metrics.Histogram(
+    name="segflow_model_batch_size",
+    documentation="Images per model call (adaptive batching)",
+    buckets=(1, 2, 4, 8, 16, 32),
+)
+rejected_inputs = bentoml.metrics.Counter(
+    name="segflow_rejected_inputs",
+    documentation="Uploads refused with a 4xx, by status",
+    labelnames=["status"],
+)
 
 
-@bentoml.service(name="segflow", traffic={"timeout": 60}, workers=1)
+def _json(data: dict) -> Response:
+    """A JSON response serialised once with the standard library (the answers are plain
+    dicts; BentoML's generic path would validate them through pydantic first)."""
+    return Response(json.dumps(data, separators=(",", ":")), media_type="application/json")
+
+
+async def _page(_request) -> Response:
+    return FileResponse(STATIC / "index.html")
+
+
+async def _docs(_request) -> Response:
+    return FileResponse(STATIC / "docs.html")
+
+
+async def _metadata(_request) -> Response:
+    return JSONResponse(bentoml.get_current_service().metadata())
+
+
+async def _stats(_request) -> Response:
+    return JSONResponse(bentoml.get_current_service().stats())
+
+
+# Plain GET routes beside BentoML's POST APIs (the mount only answers these paths).
+pages = Starlette(
+    routes=[
+        Route("/", _page, methods=["GET"]),
+        Route("/docs", _docs, methods=["GET"]),
+        Route("/metadata", _metadata, methods=["GET"]),
+        Route("/stats", _stats, methods=["GET"]),
+    ]
+)
+
+
+@bentoml.service(name="segflow", traffic={"timeout": 60}, workers=1, threads=16)
+@bentoml.asgi_app(pages, path="/")
 class SegflowService:
     model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)  # post-processing stays on the request's thread: the cores are ONNX Runtime's
+        params_file = os.environ.get("SEGFLOW_PARAMS") or HERE / "params.yaml"
+        params = load_params(params_file)
+        self.config = params.serve
+        self.limits = UploadLimits.from_params(self.config)
         folder = Path(self.model.path)
-        threads = int(os.environ.get("SEGFLOW_THREADS", "0"))
-        self.segmenter = Segmenter.from_onnx(folder / "model.onnx", folder / "preprocessing.json", threads)
-        self.labels = dict(self.model.info.labels)
+        self.segmenter = Segmenter.from_onnx(
+            folder / "model.onnx", folder / "preprocessing.json", self.config.threads
+        )
+        self.segmenter.batch_size = self.config.model_batch_size
+        self.classes = list(self.segmenter.prep.classes)
+        self.batcher = MicroBatcher(
+            self.segmenter.predict, self.config.model_batch_size, model_batch_size.observe
+        )
+        self.model_info = model_info(dict(self.model.info.labels), str(self.model.tag))
+        self.reference = load_reference(folder)
+        self.log = RequestLog(os.environ.get("SEGFLOW_REQUEST_LOG") or self.config.request_log)
+        self.token = os.environ.get("SEGFLOW_API_TOKEN") or None
+        if self.token is None:
+            print(
+                "WARNING segflow: SEGFLOW_API_TOKEN is not set; every endpoint is open to anyone "
+                "who can reach this port. Set it to require 'Authorization: Bearer <token>'.",
+                flush=True,
+            )
+        print(f"segflow: serving {self.model_info['tag']} (registry version {self.model_info['version']})")
 
-    def _predict(self, image: Path):
-        try:
-            array = read_image(image)
-            return array, self.segmenter.predict_one(array)
-        except (ImageReadError, ValueError) as exc:
-            raise InvalidArgument(f"cannot segment this file: {exc}") from None
+    # -- the model path shared by every endpoint ------------------------------------------
 
-    @bentoml.api
-    def segment(self, image: Path) -> dict:
-        """One image -> foreground fraction and the model that answered."""
+    def _segment(self, files: list[Path], ctx: bentoml.Context) -> list[tuple]:
+        """Decode, validate and segment; returns (image, prediction) per file or raises UploadError."""
+        images = []
+        for index, path in enumerate(files):
+            try:
+                images.append(decode_upload(Path(path).read_bytes(), self.limits))
+            except UploadError as exc:
+                rejected_inputs.labels(status=str(exc.status)).inc()
+                prefix = f"image {index + 1} of {len(files)}: " if len(files) > 1 else ""
+                raise UploadError(exc.status, prefix + exc.reason) from None
         started = time.perf_counter()
-        array, prediction = self._predict(image)
-        return {
-            "height": int(array.shape[0]),
-            "width": int(array.shape[1]),
-            "foreground_fraction": float(prediction.mask.mean()),
-            "model": {
-                "tag": str(self.model.tag),
-                "registry_name": self.labels.get("registry_name"),
-                "registry_version": self.labels.get("registry_version"),
-            },
-            "milliseconds": round(1000 * (time.perf_counter() - started), 2),
+        predictions = self.batcher.submit(images, timeout=MODEL_TIMEOUT_S)
+        model_ms = 1000 * (time.perf_counter() - started)
+        for prediction in predictions:
+            objects_per_image.observe(int(prediction.instances.max()))
+        self._note(ctx, images, predictions, model_ms)
+        return list(zip(images, predictions, strict=True))
+
+    def _note(self, ctx: bentoml.Context, images, predictions, model_ms: float) -> None:
+        """Hand what the request log needs to the gatekeeper (it writes the row)."""
+        ctx.request.state.segflow = {
+            "images": len(images),
+            "height": int(images[0].shape[0]) if len(images) == 1 else None,
+            "width": int(images[0].shape[1]) if len(images) == 1 else None,
+            "object_count": int(sum(int(p.instances.max()) for p in predictions)),
+            "model_version": self.model_info["version"],
+            "observations": [
+                (intensity_mean(img), float((p.mask > 0).mean()))
+                for img, p in zip(images, predictions, strict=True)
+            ],
+            "model_ms": round(model_ms, 2),
         }
 
+    def _refuse(self, exc: UploadError, ctx: bentoml.Context) -> Response:
+        ctx.response.status_code = exc.status  # BentoML applies the context's status to any response
+        return error_response(exc.status, exc.reason, ctx.request.scope)
+
+    # -- endpoints -------------------------------------------------------------------------
+
     @bentoml.api
-    def segment_mask(self, image: Path) -> Annotated[bytes, ContentType("image/png")]:
-        """One image -> PNG of class ids (0 background, 1 foreground)."""
-        _, prediction = self._predict(image)
-        buffer = io.BytesIO()
-        Image.fromarray(prediction.mask).save(buffer, format="PNG")
-        return buffer.getvalue()
+    def segment(self, image: Path, ctx: bentoml.Context) -> dict:
+        """One image -> objects (id, class, area, bbox, polygon, score), class fractions, COCO RLE."""
+        started = time.perf_counter()
+        try:
+            [(array, prediction)] = self._segment([image], ctx)
+        except UploadError as exc:
+            return self._refuse(exc, ctx)
+        result = answer(array, prediction, self.classes, self.model_info)
+        result["timing_ms"] = {
+            "model": ctx.request.state.segflow["model_ms"],
+            "total": round(1000 * (time.perf_counter() - started), 2),
+        }
+        return _json(result)
+
+    @bentoml.api
+    def segment_batch(self, images: list[Path], ctx: bentoml.Context) -> dict:
+        """Several images in one request -> {"results": [the /segment answer for each]}."""
+        started = time.perf_counter()
+        if not images:
+            return self._refuse(UploadError(400, "no images: send one or more files in field 'images'"), ctx)
+        if len(images) > self.config.max_batch_images:
+            return self._refuse(
+                UploadError(413, f"{len(images)} images; at most {self.config.max_batch_images} per request"),
+                ctx,
+            )
+        try:
+            pairs = self._segment(images, ctx)
+        except UploadError as exc:
+            return self._refuse(exc, ctx)
+        results = [answer(array, prediction, self.classes, self.model_info) for array, prediction in pairs]
+        timing = {
+            "model": ctx.request.state.segflow["model_ms"],
+            "total": round(1000 * (time.perf_counter() - started), 2),
+        }
+        return _json({"count": len(results), "results": results, "timing_ms": timing})
+
+    @bentoml.api
+    def segment_mask(self, image: Path, ctx: bentoml.Context) -> PNG:
+        """One image -> PNG of class ids (0 background, 1 the first class, ...)."""
+        try:
+            [(_, prediction)] = self._segment([image], ctx)
+        except UploadError as exc:
+            return self._refuse(exc, ctx)
+        return mask_png(prediction)
+
+    @bentoml.api
+    def segment_overlay(self, image: Path, ctx: bentoml.Context) -> PNG:
+        """One image -> PNG of the image with every predicted object outlined."""
+        try:
+            [(array, prediction)] = self._segment([image], ctx)
+        except UploadError as exc:
+            return self._refuse(exc, ctx)
+        return overlay_png(array, prediction)
+
+    # -- GET routes (see `pages`) ----------------------------------------------------------
+
+    def metadata(self) -> dict:
+        info = self.model.info
+        prep = self.segmenter.prep
+        return {
+            "model": self.model_info,
+            "test_metrics": dict(info.metadata.get("test_metrics", {})),
+            "lineage": {
+                "git_commit": info.labels.get("git_commit"),
+                "data_hash": info.labels.get("data_hash"),
+                "imported": info.creation_time.isoformat(),
+            },
+            "input": {
+                "formats": list(self.limits.formats),
+                "dtypes": list(self.limits.dtypes),
+                "max_bytes": self.limits.max_bytes,
+                "max_pixels": self.limits.max_pixels,
+                "max_batch_images": self.config.max_batch_images,
+                "shape": "(H, W) or (H, W, C), C = 1, 3 or 4; floats finite in [0, 1]",
+                "channels_used": prep.in_channels,
+                "size_rule": f"any size; padded to a multiple of {prep.pad_multiple}, cropped back",
+            },
+            "output": {
+                "classes": self.classes,
+                "threshold": prep.threshold,
+                "mask_png": "class ids",
+                "rle": "COCO compressed RLE, column-major (pycocotools.mask.decode)",
+            },
+            "drift_reference": None
+            if self.reference is None
+            else {"images": self.reference["images"], "features": ["intensity_mean", "foreground_fraction"]},
+        }
+
+    def stats(self) -> dict:
+        self.log.flush()
+        return self.log.summary(self.config.stats_window, self.reference, self.config.drift_min_images)
 
 
 svc = SegflowService
+# Runs in front of everything: bearer token, body size and type, request log.
+svc.add_asgi_middleware(Gatekeeper)

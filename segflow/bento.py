@@ -15,11 +15,13 @@ from segflow.paths import repo_root
 
 BENTO_MODEL_NAME = "segflow-segmenter"
 MODEL_FILES = ("model.onnx", "preprocessing.json")
+OPTIONAL_MODEL_FILES = ("reference.json",)  # the drift reference; older exports lack it
 # Never shipped in a Bento: serving runs on ONNX Runtime alone.
 FORBIDDEN_REQUIREMENTS = ("torch", "torchvision", "segmentation-models-pytorch", "dvc", "mlflow")
 
 
-def _bentoml():
+def load_bentoml():
+    """The bentoml module, imported offline and with the venv's uv on PATH (for builds)."""
     from segflow.runtime import offline_env
 
     offline_env()
@@ -43,19 +45,19 @@ def import_model(model_dir: Path, labels: dict[str, str], metadata: dict) -> str
     Returns:
         The new model tag, e.g. "segflow-segmenter:abcd1234efgh5678".
     """
-    bentoml = _bentoml()
+    bentoml = load_bentoml()
     missing = [name for name in MODEL_FILES if not (model_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}; run `dvc repro export` first")
     with bentoml.models.create(BENTO_MODEL_NAME, labels=labels, metadata=metadata) as model:
-        for name in MODEL_FILES:
+        for name in MODEL_FILES + tuple(n for n in OPTIONAL_MODEL_FILES if (model_dir / n).is_file()):
             shutil.copyfile(model_dir / name, model.path_of(name))
     return str(model.tag)
 
 
 def find_model(registry_name: str, registry_version: str) -> str | None:
     """The store's model imported from this registry version, if any (newest first)."""
-    bentoml = _bentoml()
+    bentoml = load_bentoml()
     candidates = [
         m
         for m in bentoml.models.list(BENTO_MODEL_NAME)
@@ -75,7 +77,7 @@ def build_bento(model_tag: str, labels: dict[str, str]) -> tuple[str, Path]:
     Returns:
         (the Bento tag, the path of its generated Dockerfile).
     """
-    bentoml = _bentoml()
+    bentoml = load_bentoml()
     root = repo_root()
     bento = bentoml.bentos.build_bentofile(
         str(root / "bentofile.yaml"),
@@ -88,7 +90,7 @@ def build_bento(model_tag: str, labels: dict[str, str]) -> tuple[str, Path]:
 
 def bento_requirements(bento_tag: str) -> list[str]:
     """The Python requirements the Bento installs (env/python/requirements.txt)."""
-    bentoml = _bentoml()
+    bentoml = load_bentoml()
     path = Path(bentoml.bentos.get(bento_tag).path) / "env" / "python" / "requirements.txt"
     lines = path.read_text().splitlines() if path.is_file() else []
     return [line.strip() for line in lines if line.strip() and not line.startswith(("#", "-"))]
@@ -96,6 +98,6 @@ def bento_requirements(bento_tag: str) -> list[str]:
 
 def bento_size(bento_tag: str) -> int:
     """Bytes on disk of the Bento including the model it packs."""
-    bentoml = _bentoml()
+    bentoml = load_bentoml()
     bento = bentoml.bentos.get(bento_tag)
     return int(bento.total_size())

@@ -21,13 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--seed", type=int, default=None, help="generator seed (default 2024)")
     sample.set_defaults(run=_sample)
 
-    predict = commands.add_parser("predict", help="segment image files with an exported model")
-    predict.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    predict = commands.add_parser(
+        "predict",
+        help="segment images exactly as the service does (JSON, mask PNG, overlay PNG per image)",
+    )
+    predict.add_argument(
+        "images", nargs="+", type=Path, help="image files (PNG, JPEG, TIFF, .npy) or folders"
+    )
     predict.add_argument(
         "--model",
-        type=Path,
-        default=Path("artifacts/export"),
-        help="folder with model.onnx and preprocessing.json (default: artifacts/export)",
+        default=None,
+        help="a BentoML model tag, or a folder with model.onnx and preprocessing.json "
+        "(default: the champion the service serves, $SEGFLOW_MODEL_TAG or segflow-segmenter:latest)",
     )
     predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     predict.set_defaults(run=_predict)
@@ -82,33 +87,81 @@ def _rollback(args) -> int:
 
 
 def _predict(args) -> int:
-    from segflow.evaluation import overlay
-    from segflow.images import IMAGE_SUFFIXES, read_image, write_png
-    from segflow.inference import Segmenter
+    import os
 
-    model = args.model / "model.onnx"
-    if not model.is_file():
-        raise FileNotFoundError(f"{model}: no exported model; run `dvc repro` first or pass --model")
-    segmenter = Segmenter.from_onnx(model, args.model / "preprocessing.json")
+    from segflow.config import load_params
+    from segflow.results import answer, mask_png, overlay_png
+    from segflow.uploads import UploadError, UploadLimits, decode_upload
+
+    segmenter, model = _open_model(
+        args.model or os.environ.get("SEGFLOW_MODEL_TAG", "segflow-segmenter:latest")
+    )
+    serve = load_params().serve
+    # The service's decoding and size rules; only the upload byte cap does not apply to local files.
+    limits = UploadLimits(2**62, serve.max_pixels, tuple(serve.formats), tuple(serve.dtypes))
+    files = _image_files(args.images)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in files:
+        try:
+            image = decode_upload(path.read_bytes(), limits)
+        except UploadError as exc:
+            print(f"{path}: skipped: {exc.reason}", file=sys.stderr)
+            failed += 1
+            continue
+        prediction = segmenter.predict_one(image)
+        result = answer(image, prediction, list(segmenter.prep.classes), model)
+        (args.out / f"{path.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{path.stem}_mask.png").write_bytes(mask_png(prediction))
+        (args.out / f"{path.stem}_overlay.png").write_bytes(overlay_png(image, prediction))
+        print(f"{path}: {result['object_count']} objects")
+    print(f"wrote {len(files) - failed} results to {args.out}" + (f"; {failed} skipped" if failed else ""))
+    return 1 if failed else 0
+
+
+def _open_model(ref: str):
+    """(Segmenter, model info) for a model folder or a BentoML model tag."""
+    from segflow.inference import Segmenter
+    from segflow.results import model_info
+
+    folder = Path(ref)
+    if folder.is_dir():
+        if not (folder / "model.onnx").is_file():
+            raise FileNotFoundError(f"{folder}: no model.onnx; pass an export folder (artifacts/export)")
+        registration = folder / "registration.json"
+        reg = json.loads(registration.read_text()) if registration.is_file() else {}
+        info = model_info({"registry_name": reg.get("name"), "registry_version": reg.get("version")}, None)
+    else:
+        from segflow.bento import load_bentoml
+
+        bentoml = load_bentoml()
+        try:
+            stored = bentoml.models.get(ref)
+        except bentoml.exceptions.NotFound:
+            raise FileNotFoundError(
+                f"no model {ref!r} in the BentoML store; run `dvc repro` (promotion imports the "
+                "champion) or pass --model artifacts/export"
+            ) from None
+        folder = Path(stored.path)
+        info = model_info(dict(stored.info.labels), str(stored.tag))
+    return Segmenter.from_onnx(folder / "model.onnx", folder / "preprocessing.json"), info
+
+
+def _image_files(paths: list[Path]) -> list[Path]:
+    from segflow.images import IMAGE_SUFFIXES
+
+    suffixes = (*IMAGE_SUFFIXES, ".npy")
     files = []
-    for path in args.images:
+    for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
         elif path.is_file():
             files.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        image = read_image(path)
-        prediction = segmenter.predict_one(image)
-        write_png(args.out / f"{path.stem}_mask.png", prediction.mask)
-        write_png(args.out / f"{path.stem}_overlay.png", overlay(image, prediction.mask * 0, prediction.mask))
-        summary = {"image": str(path), "height": image.shape[0], "width": image.shape[1],
-                   "foreground_fraction": float(prediction.mask.mean())}  # fmt: skip
-        (args.out / f"{path.stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"{path}: foreground {summary['foreground_fraction']:.3f}")
-    return 0
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(suffixes)}) in {' '.join(map(str, paths))}")
+    return files
 
 
 if __name__ == "__main__":

@@ -195,6 +195,27 @@ class PromoteParams(_Section):
         return values
 
 
+UPLOAD_FORMATS = ("png", "jpeg", "tiff", "npy")
+UPLOAD_DTYPES = ("uint8", "uint16", "float32", "float64")
+
+
+class ServeParams(_Section):
+    """The service's limits and bookkeeping (read by service.py; travels in the Bento)."""
+
+    max_upload_bytes: int = Field(32 * 2**20, ge=1024)
+    # Until tiled inference lands, a whole image goes through the network at once:
+    # this bounds memory (a 2048x2048 image needs about 2 GB of activations).
+    max_pixels: int = Field(2048 * 2048, ge=32 * 32)
+    max_batch_images: int = Field(16, ge=1)
+    formats: list[Literal["png", "jpeg", "tiff", "npy"]] = list(UPLOAD_FORMATS)
+    dtypes: list[Literal["uint8", "uint16", "float32", "float64"]] = list(UPLOAD_DTYPES)
+    model_batch_size: int = Field(8, ge=1)
+    threads: int = Field(0, ge=0)
+    request_log: str = "logs/requests.db"
+    stats_window: int = Field(1000, ge=1)
+    drift_min_images: int = Field(30, ge=2)
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     ingest: IngestParams = IngestParams()
@@ -204,6 +225,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     promote: PromoteParams = PromoteParams()
+    serve: ServeParams = ServeParams()
 
     @model_validator(mode="after")
     def _foreground_is_a_mask_value(self) -> Params:

@@ -42,7 +42,7 @@ def read_image(path: str | Path) -> np.ndarray:
         else:
             with Image.open(path) as img:
                 img.load()  # decode fully now, so truncated files fail here
-                array = _pil_to_array(img)
+                array = pil_to_array(img)
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(path, str(exc) or type(exc).__name__) from exc
     if array.ndim not in (2, 3) or array.size == 0:
@@ -50,14 +50,15 @@ def read_image(path: str | Path) -> np.ndarray:
     return array
 
 
-def _pil_to_array(img: Image.Image) -> np.ndarray:
+def pil_to_array(img: Image.Image) -> np.ndarray:
+    """A decoded Pillow image -> (H, W) or (H, W, 3) array in its own bit depth."""
     if img.mode in {"I;16", "I;16B", "I;16L"}:
         return np.asarray(img, dtype=np.uint16)
     if img.mode == "I":
         return np.asarray(img, dtype=np.int32)
     if img.mode in {"P", "1", "LA", "PA"}:
         img = img.convert("RGBA" if "A" in img.mode else "L")
-    if img.mode == "RGBA":
+    if img.mode in {"RGBA", "CMYK", "YCbCr", "LAB", "HSV"}:
         img = img.convert("RGB")
     return np.asarray(img)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segflow.objects import label_instances
+
 PREPROCESSING_VERSION = 1
 
 
@@ -61,6 +63,7 @@ class Prediction:
     logits: np.ndarray  # (H, W) float32, foreground logit
     probability: np.ndarray  # (H, W) float32 in [0, 1]
     mask: np.ndarray  # (H, W) uint8 class ids
+    instances: np.ndarray  # (H, W) uint16 object ids, 0 = background
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:
@@ -165,6 +168,9 @@ class Segmenter:
             prep = Preprocessing.load(prep)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Idle worker threads sleep instead of spinning: the service decodes, post-processes
+        # and answers requests on the same cores while the model runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
         def run(batch: np.ndarray) -> np.ndarray:
@@ -198,7 +204,11 @@ class Segmenter:
         for logit in self.logits(images):
             probability = sigmoid(logit[0])
             mask = (probability > threshold).astype(np.uint8)
-            predictions.append(Prediction(logits=logit[0], probability=probability, mask=mask))
+            predictions.append(
+                Prediction(
+                    logits=logit[0], probability=probability, mask=mask, instances=label_instances(mask)
+                )
+            )
         return predictions
 
     def predict_one(self, image: np.ndarray) -> Prediction:

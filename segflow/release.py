@@ -105,6 +105,7 @@ def package(client, name: str, version: str, model_dir: Path) -> dict:
     labels = {
         "registry_name": name,
         "registry_version": str(version),
+        "alias": "champion",  # the Bento is only ever built for the champion
         "git_commit": tags.get("segflow.git_commit", "unknown"),
         "data_hash": tags.get("segflow.data_hash", "unknown"),
     }
@@ -122,10 +123,12 @@ def package(client, name: str, version: str, model_dir: Path) -> dict:
 
 
 def download_model(name: str, version: str, dest: Path) -> Path:
-    """Fetch a registered version's model.onnx and preprocessing.json into `dest`."""
+    """Fetch a registered version's model.onnx, preprocessing.json (and reference.json) into `dest`."""
     import shutil
 
     import mlflow
+
+    from segflow.monitoring import REFERENCE_FILE
 
     local = Path(
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
@@ -135,6 +138,9 @@ def download_model(name: str, version: str, dest: Path) -> Path:
             raise StageError(f"registered {name} version {version} has no {source.name}; re-export it")
         if source.parent != dest:
             shutil.copyfile(source, dest / source.name)
+    reference = local / "extra_files" / REFERENCE_FILE  # absent in versions exported before drift
+    if reference.is_file() and reference.parent != dest:
+        shutil.copyfile(reference, dest / REFERENCE_FILE)
     return dest
 
 

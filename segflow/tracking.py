@@ -193,11 +193,13 @@ def register_onnx(
     input_example,
     registered_name: str,
     version_tags: dict[str, str],
+    extra_files: tuple[Path, ...] = (),
 ) -> dict:
     """Log the ONNX model on the model's parent run and register it as `challenger`.
 
-    The model carries preprocessing.json as an extra file and in its metadata, so a
-    registered version alone is enough to serve it.
+    The model carries preprocessing.json (plus `extra_files`, e.g. the drift reference)
+    as extra files and the preprocessing in its metadata, so a registered version alone
+    is enough to serve it.
 
     Returns:
         {"name", "version", "alias", "model_uri", "run_id"}.
@@ -224,7 +226,7 @@ def register_onnx(
             registered_model_name=registered_name,
             signature=signature,
             input_example=input_example,
-            extra_files=[str(preprocessing_path)],
+            extra_files=[str(preprocessing_path), *map(str, extra_files)],
             metadata={"preprocessing": prep},
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],

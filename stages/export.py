@@ -24,6 +24,7 @@ from segflow.artifacts import (
 from segflow.config import load_params
 from segflow.export import ParityError, check_parity, export_onnx
 from segflow.inference import Segmenter, normalize
+from segflow.monitoring import REFERENCE_FILE, reference_profile
 from segflow.runtime import set_threads
 from segflow.training import load_checkpoint, load_samples
 
@@ -34,6 +35,7 @@ def main() -> None:
     set_threads(params.train.threads)
     model, prep = load_checkpoint(MODEL / "model.pt")
     test = load_samples(read_manifest(SPLIT / "test.csv"), CONVERTED)
+    train = load_samples(read_manifest(SPLIT / "train.csv"), CONVERTED)
     metrics = read_json(REPORTS / "metrics.json")
 
     with replace_dir(EXPORT) as out:
@@ -49,6 +51,11 @@ def main() -> None:
         except ParityError as exc:
             raise StageError(str(exc)) from None
         write_json(out / "parity.json", parity)
+        # What the service's drift signal compares live traffic with: the training images
+        # and the exported model's foreground fraction on them.
+        onnx_segmenter = Segmenter.from_onnx(out / "model.onnx", prep)
+        fractions = [float((p.mask > 0).mean()) for p in onnx_segmenter.predict([s.image for s in train])]
+        write_json(out / REFERENCE_FILE, reference_profile([s.image for s in train], fractions))
         print(
             f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images"
         )
@@ -73,6 +80,7 @@ def main() -> None:
             example,
             cfg.registered_model_name,
             version_tags,
+            extra_files=(out / REFERENCE_FILE,),
         )
         write_json(out / "registration.json", registration)
     print(f"export: registered {registration['name']} version {registration['version']} as 'challenger'")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from segflow.bento import FORBIDDEN_REQUIREMENTS
-from tests.pipeline.conftest import BIN, run
+from tests.conftest import BIN, run
 
 pytestmark = pytest.mark.slow
 

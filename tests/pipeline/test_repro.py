@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.pipeline.conftest import run
+from tests.conftest import run
 
 pytestmark = pytest.mark.slow
 

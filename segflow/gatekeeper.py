@@ -1,0 +1,192 @@
+"""ASGI middleware in front of the service: access control, upload limits, request log.
+
+It runs before BentoML parses a request, so it is where a body that is too large, of
+the wrong type, or without the right token is refused cheaply, and where every API call
+(refusals included) gets a request id and a row in the request log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+
+# Each API's one multipart field (BentoML would JSON-parse any other field, and a text
+# field holding a path would name a file on the server, so only file parts get through).
+UPLOAD_FIELDS = {
+    "/segment": "image",
+    "/segment_mask": "image",
+    "/segment_overlay": "image",
+    "/segment_batch": "images",
+}
+API_PATHS = frozenset(UPLOAD_FIELDS)
+# Reachable without a token: health probes, and static pages that hold no data (the page
+# sends the token the user types with each of its API calls).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/livez", "/", "/docs", "/docs.json"})
+PUBLIC_PREFIXES = ("/static_content/",)
+UPLOAD_HINT = "send the image as multipart/form-data, e.g. curl -F image=@cells.png"
+
+
+def error_body(status: int, reason: str, request_id: str | None) -> dict:
+    return {"error": reason, "status": status, "request_id": request_id}
+
+
+def error_response(status: int, reason: str, scope: dict):
+    """A 4xx JSON response for a handler to return (carries the request's id)."""
+    from starlette.responses import JSONResponse
+
+    request_id = scope.get("state", {}).get("request_id")
+    return JSONResponse(error_body(status, reason, request_id), status_code=status)
+
+
+def token_matches(header: str | None, token: str) -> bool:
+    """Constant-time check of an `Authorization: Bearer <token>` header."""
+    scheme, _, supplied = (header or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(supplied.strip().encode(), token.encode())
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+class Gatekeeper:
+    """ASGI middleware; the service instance supplies token, limits and the request log."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        import bentoml
+
+        service = bentoml.get_current_service()
+        path, method = scope["path"], scope["method"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started, seen = time.perf_counter(), {"status": 500}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        async def refuse(status: int, reason: str, extra: tuple = ()) -> None:
+            body = json.dumps(error_body(status, reason, request_id)).encode()
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        *extra,
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+        try:
+            if (
+                service.token
+                and not is_public(path)
+                and not token_matches(headers.get("authorization"), service.token)
+            ):
+                await refuse(
+                    401,
+                    "missing or wrong token: send 'Authorization: Bearer <token>' (SEGFLOW_API_TOKEN)",
+                    ((b"www-authenticate", b'Bearer realm="segflow"'),),
+                )
+            elif path in API_PATHS and method == "POST":
+                body, problem = await _read_upload(headers, receive, service.limits.max_bytes)
+                problem = problem or await _check_form(scope, body, UPLOAD_FIELDS[path])
+                if problem:
+                    await refuse(*problem)
+                else:
+                    await self.app(scope, _replay(body), send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            if path in API_PATHS:
+                details = scope["state"].get("segflow", {})
+                service.log.record(
+                    {
+                        "id": request_id,
+                        "time": time.time(),
+                        "client": (scope.get("client") or ("", 0))[0],
+                        "endpoint": path,
+                        "status": seen["status"],
+                        "latency_ms": round(1000 * (time.perf_counter() - started), 2),
+                        **{k: details.get(k) for k in ("images", "height", "width", "object_count")},
+                        "model_version": service.model_info["version"],
+                    },
+                    details.get("observations", ()),
+                )
+
+
+async def _read_upload(headers: dict, receive, max_bytes: int) -> tuple[bytes, tuple | None]:
+    """The whole request body, or (b"", (status, reason)) when it must be refused."""
+    content_type = headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        return b"", (415, f"content type {content_type or '(none)'} is not accepted; {UPLOAD_HINT}")
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        return b"", (413, f"the request has {declared} bytes; this service accepts at most {max_bytes}")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"", (400, "the client disconnected before sending the whole request")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            return b"", (413, f"the request exceeds {max_bytes} bytes; send a smaller image")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    if size == 0:
+        return b"", (400, f"the request body is empty; {UPLOAD_HINT}")
+    return b"".join(chunks), None
+
+
+async def _check_form(scope: dict, body: bytes, field: str) -> tuple | None:
+    """(status, reason) unless the multipart body holds only file parts named `field`."""
+    from starlette.requests import Request
+
+    hint = f"send the file(s) in field '{field}', e.g. curl -F {field}=@cells.png"
+    try:
+        async with Request(scope, _replay(body)).form() as form:
+            names = set(form.keys())
+            if field not in names:
+                return 400, f"no field '{field}' in the form; {hint}"
+            if names - {field}:
+                return 400, f"unexpected form field(s) {sorted(names - {field})}; {hint}"
+            if field == "image" and len(form.getlist(field)) > 1:
+                return (
+                    400,
+                    "several files in field 'image'; send one, or use /segment_batch with field 'images'",
+                )
+            if any(isinstance(value, str) for value in form.getlist(field)):
+                return 400, f"field '{field}' must be a file upload, not text; {hint}"
+    except Exception as exc:
+        return 400, f"the multipart body cannot be parsed ({exc}); {hint}"
+    return None
+
+
+def _replay(body: bytes):
+    """A `receive` that hands the already-read body to the app once."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive

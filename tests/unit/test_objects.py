@@ -1,0 +1,68 @@
+"""Objects, polygons, COCO RLE and outlines on hand-built masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pycocotools import mask as coco
+
+from segflow.objects import coco_rle, decode_coco_rle, describe_objects, draw_outlines, label_instances
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rle_matches_pycocotools(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(1, 50, 2)
+    binary = rng.random((h, w)) < rng.random()
+    ours = coco_rle(binary)
+    reference = coco.encode(np.asfortranarray(binary.astype(np.uint8)))
+    assert ours["counts"] == reference["counts"].decode() and ours["size"] == [h, w]
+    assert np.array_equal(decode_coco_rle(ours), binary)
+
+
+def test_rle_edge_cases():
+    for binary in (np.zeros((3, 4), bool), np.ones((3, 4), bool)):
+        rle = coco_rle(binary)
+        assert np.array_equal(coco.decode({"size": rle["size"], "counts": rle["counts"].encode()}), binary)
+
+
+def test_objects_are_components_with_box_polygon_and_score():
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:6, 3:9] = 1  # a 4x6 rectangle
+    mask[10, 20] = 1  # a single pixel
+    mask[15:18, 0:2] = 1  # touching the left edge
+    probability = np.where(mask > 0, 0.8, 0.1).astype(np.float32)
+    instances = label_instances(mask)
+    assert instances.dtype == np.uint16 and instances.max() == 3
+    objects = describe_objects(instances, mask, probability)
+    assert [o.area for o in objects] == [24, 1, 6]
+    assert [o.bbox for o in objects] == [(3, 2, 6, 4), (20, 10, 1, 1), (0, 15, 2, 3)]
+    assert all(o.class_id == 1 and o.score == pytest.approx(0.8) for o in objects)
+    for obj in objects:
+        assert len(obj.polygon) >= 6
+        # Rasterising the polygon (pycocotools) covers the object's box.
+        x, y, w, h = obj.bbox
+        drawn = coco.decode(coco.frPyObjects([[float(v) for v in obj.polygon]], 20, 30))[..., 0]
+        assert drawn[y : y + h, x : x + w].any()
+
+
+def test_touching_classes_are_separate_objects():
+    mask = np.zeros((10, 10), np.uint8)
+    mask[:, :5], mask[:, 5:] = 1, 2
+    objects = describe_objects(label_instances(mask), mask, np.ones((10, 10), np.float32))
+    assert [(o.class_id, o.area) for o in objects] == [(1, 50), (2, 50)]
+
+
+def test_empty_mask_has_no_objects():
+    mask = np.zeros((8, 8), np.uint8)
+    assert describe_objects(label_instances(mask), mask, np.zeros((8, 8), np.float32)) == []
+
+
+def test_outlines_colour_only_object_borders():
+    mask = np.zeros((12, 12), np.uint8)
+    mask[2:10, 2:10] = 1
+    image = np.full((12, 12), 30000, np.uint16)
+    picture = draw_outlines(image, label_instances(mask))
+    assert picture.shape == (12, 12, 3) and picture.dtype == np.uint8
+    interior, border, outside = picture[5, 5], picture[2, 5], picture[0, 0]
+    assert (interior == outside).all() and not (border == interior).all()

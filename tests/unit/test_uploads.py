@@ -1,0 +1,88 @@
+"""Upload decoding: what is accepted, and the status and reason for what is not."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segflow.uploads import UploadError, UploadLimits, decode_upload, sniff_format
+
+
+def encode(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "npy":
+        np.save(buffer, array, allow_pickle=array.dtype == object)
+    elif fmt == "tiff":
+        import tifffile
+
+        tifffile.imwrite(buffer, array)
+    else:
+        Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("array", "fmt"),
+    [
+        (np.arange(48 * 40, dtype=np.uint16).reshape(48, 40), "PNG"),
+        (np.full((20, 30), 7, np.uint8), "PNG"),
+        (np.full((20, 30, 3), 200, np.uint8), "PNG"),
+        (np.full((16, 16), 1000, np.uint16), "tiff"),
+        (np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), "npy"),
+        (np.zeros((8, 8, 3), np.uint8), "npy"),
+    ],
+)
+def test_lossless_formats_round_trip(array, fmt):
+    decoded = decode_upload(encode(array, fmt), UploadLimits())
+    assert decoded.dtype == array.dtype and np.array_equal(decoded, array)
+
+
+def test_jpeg_decodes_to_rgb_uint8():
+    decoded = decode_upload(encode(np.full((10, 12, 3), 90, np.uint8), "JPEG"), UploadLimits())
+    assert decoded.shape == (10, 12, 3) and decoded.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "words"),
+    [
+        (b"", 400, "empty"),
+        (b"hello world", 415, "not a PNG"),
+        (encode(np.zeros((8, 8), np.uint8), "PNG")[:40], 400, "truncated"),
+        (encode(np.array([{"a": 1}], dtype=object), "npy"), 422, "pickle"),
+        (encode(np.array([[np.nan, 0.5]], np.float32), "npy"), 422, "NaN"),
+        (encode(np.array([[2.0, 0.5]], np.float64), "npy"), 422, "[0, 1]"),
+        (encode(np.zeros((8, 8), np.int64), "npy"), 422, "int64"),
+        (encode(np.zeros((2, 8, 8), np.uint8), "npy"), 422, "shape"),
+        (encode(np.zeros((8, 8), np.uint8), "npy")[:-10], 400, "corrupt"),
+    ],
+)
+def test_refusals_carry_status_and_reason(data, status, words):
+    with pytest.raises(UploadError) as caught:
+        decode_upload(data, UploadLimits())
+    assert caught.value.status == status
+    assert words.lower() in caught.value.reason.lower()
+
+
+def test_limits_apply_before_decoding():
+    png = encode(np.zeros((100, 100), np.uint8), "PNG")
+    with pytest.raises(UploadError) as too_big:
+        decode_upload(png, UploadLimits(max_bytes=len(png) - 1))
+    assert too_big.value.status == 413
+    with pytest.raises(UploadError) as too_many_pixels:
+        decode_upload(png, UploadLimits(max_pixels=99 * 100))
+    assert too_many_pixels.value.status == 413 and "max_pixels" in too_many_pixels.value.reason
+    npy = encode(np.zeros((100, 100), np.uint8), "npy")
+    with pytest.raises(UploadError, match="pixels"):
+        decode_upload(npy, UploadLimits(max_pixels=5000))
+    with pytest.raises(UploadError) as not_allowed:
+        decode_upload(npy, UploadLimits(formats=("png",)))
+    assert not_allowed.value.status == 415
+
+
+def test_format_comes_from_the_bytes_not_the_name():
+    assert sniff_format(encode(np.zeros((4, 4), np.uint8), "PNG")) == "png"
+    assert sniff_format(encode(np.zeros((4, 4), np.uint8), "npy")) == "npy"
+    assert sniff_format(b"GIF89a") is None

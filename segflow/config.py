@@ -209,7 +209,7 @@ class ServeParams(_Section):
     max_batch_images: int = Field(16, ge=1)
     formats: list[Literal["png", "jpeg", "tiff", "npy"]] = list(UPLOAD_FORMATS)
     dtypes: list[Literal["uint8", "uint16", "float32", "float64"]] = list(UPLOAD_DTYPES)
-    model_batch_size: int = Field(8, ge=1)
+    model_batch_size: int = Field(4, ge=1)
     threads: int = Field(0, ge=0)
     request_log: str = "logs/requests.db"
     stats_window: int = Field(1000, ge=1)

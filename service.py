@@ -126,7 +126,7 @@ class SegflowService:
         )
         self.model_info = model_info(dict(self.model.info.labels), str(self.model.tag))
         self.reference = load_reference(folder)
-        self.log = RequestLog(os.environ.get("SEGFLOW_REQUEST_LOG") or self.config.request_log)
+        self.log = RequestLog(_request_log_path(self.config.request_log))
         self.token = os.environ.get("SEGFLOW_API_TOKEN") or None
         if self.token is None:
             print(
@@ -164,7 +164,6 @@ class SegflowService:
             "height": int(images[0].shape[0]) if len(images) == 1 else None,
             "width": int(images[0].shape[1]) if len(images) == 1 else None,
             "object_count": sum(counts),
-            "model_version": self.model_info["version"],
             "observations": [
                 (intensity_mean(img), np.count_nonzero(p.mask) / p.mask.size)
                 for img, p in zip(images, predictions, strict=True)
@@ -270,6 +269,22 @@ class SegflowService:
     def stats(self) -> dict:
         self.log.flush()
         return self.log.summary(self.config.stats_window, self.reference, self.config.drift_min_images)
+
+
+def _request_log_path(configured: str) -> Path:
+    """Where the request log goes: $SEGFLOW_REQUEST_LOG, else serve.request_log.
+
+    A relative path is taken from the repository when serving from a checkout; a built
+    Bento is never written into, so there it goes under $XDG_STATE_HOME/segflow
+    (default ~/.local/state/segflow).
+    """
+    path = Path(os.environ.get("SEGFLOW_REQUEST_LOG") or configured)
+    if path.is_absolute():
+        return path
+    if (HERE / "dvc.yaml").is_file():
+        return HERE / path
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return state / "segflow" / path
 
 
 svc = SegflowService

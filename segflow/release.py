@@ -65,6 +65,10 @@ def promote(params: Params) -> dict:
     if decision.promote and not report["already_champion"]:
         report["previous_champion"] = move_champion(client, name, version)
         report["bento"] = package(client, name, version, EXPORT)
+    elif decision.promote:
+        # Nothing to move, but this step re-runs when the service code or its `serve`
+        # limits change (promote's deps): rebuild the champion's Bento with them.
+        report["bento"] = package(client, name, version, EXPORT, reuse_model=True)
     write_json(PROMOTION_REPORT, report)
     _log_run(params, report)
     return report
@@ -98,8 +102,11 @@ def rollback(params: Params) -> dict:
     return {"demoted": demoted, "champion": restored, "bento": packaged}
 
 
-def package(client, name: str, version: str, model_dir: Path) -> dict:
-    """Import a registry version's files into the BentoML store and build its Bento."""
+def package(client, name: str, version: str, model_dir: Path, reuse_model: bool = False) -> dict:
+    """Import a registry version's files into the BentoML store and build its Bento.
+
+    With reuse_model, a model already imported for this registry version is used as is.
+    """
     info = client.get_model_version(name, version)
     tags = info.tags
     labels = {
@@ -110,7 +117,9 @@ def package(client, name: str, version: str, model_dir: Path) -> dict:
         "data_hash": tags.get("segflow.data_hash", "unknown"),
     }
     metadata = {"test_metrics": {k[5:]: float(v) for k, v in tags.items() if k.startswith("test_")}}
-    model_tag = bento.import_model(model_dir, labels, metadata)
+    model_tag = (reuse_model and bento.find_model(name, version)) or bento.import_model(
+        model_dir, labels, metadata
+    )
     bento_tag, dockerfile = bento.build_bento(model_tag, labels)
     requirements = bento.bento_requirements(bento_tag)
     return {
@@ -206,12 +215,12 @@ def describe(report: dict) -> str:
         lines.append(f"version {candidate['version']} is already the champion: nothing to move")
     elif decision["promote"]:
         lines.append(f"PROMOTED: version {candidate['version']} is now 'champion'")
-        if report.get("bento"):
-            tag = report["bento"]["bento_tag"]
-            lines.append(f"bento: {tag} (serve it with `bentoml serve {tag}`)")
-            lines.append(f"  size {report['bento']['size_bytes'] / 1e6:.1f} MB with its model")
-            lines.append(f"  requirements: {', '.join(report['bento']['requirements'])}")
-            lines.append(f"  Dockerfile: {report['bento']['dockerfile']}")
     else:
         lines.append("REFUSED: the champion is unchanged")
+    if decision["promote"] and report.get("bento"):
+        tag = report["bento"]["bento_tag"]
+        lines.append(f"bento: {tag} (serve it with `bentoml serve {tag}`)")
+        lines.append(f"  size {report['bento']['size_bytes'] / 1e6:.1f} MB with its model")
+        lines.append(f"  requirements: {', '.join(report['bento']['requirements'])}")
+        lines.append(f"  Dockerfile: {report['bento']['dockerfile']}")
     return "\n".join(lines)

@@ -106,6 +106,26 @@ def test_new_champion_then_rollback_restores_the_previous_one(repo_copy: Path):
     assert bento["labels"]["registry_version"] == "1"
 
 
+def test_service_limit_change_rebuilds_the_bento_on_the_same_model(repo_copy: Path):
+    """`serve` limits travel in the Bento: changing one re-runs only promote, which keeps
+    the champion and its stored model but builds a new Bento carrying the new limits."""
+    before = _report(repo_copy)["bento"]
+    _set_params(repo_copy, serve={"max_pixels": 1_000_000})
+    result = run(["dvc", "repro"], repo_copy)
+    assert "Running stage 'promote'" in result.stdout
+    for stage in ("train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" not in result.stdout
+    report = _report(repo_copy)
+    assert report["already_champion"] and _champion(repo_copy) == "1"
+    assert report["bento"]["model_tag"] == before["model_tag"]  # no second copy of the model
+    assert report["bento"]["bento_tag"] != before["bento_tag"]
+    shipped = run(["bentoml", "get", report["bento"]["bento_tag"], "-o", "path"], repo_copy).stdout.strip()
+    assert (
+        yaml.safe_load((Path(shipped) / "src" / "params.yaml").read_text())["serve"]["max_pixels"]
+        == 1_000_000
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

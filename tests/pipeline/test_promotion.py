@@ -119,11 +119,11 @@ def test_service_limit_change_rebuilds_the_bento_on_the_same_model(repo_copy: Pa
     assert report["already_champion"] and _champion(repo_copy) == "1"
     assert report["bento"]["model_tag"] == before["model_tag"]  # no second copy of the model
     assert report["bento"]["bento_tag"] != before["bento_tag"]
-    shipped = run(["bentoml", "get", report["bento"]["bento_tag"], "-o", "path"], repo_copy).stdout.strip()
-    assert (
-        yaml.safe_load((Path(shipped) / "src" / "params.yaml").read_text())["serve"]["max_pixels"]
-        == 1_000_000
-    )
+    name, version = report["bento"]["bento_tag"].split(":")
+    shipped = (
+        repo_copy / ".bentoml" / "bentos" / name / version / "src" / "params.yaml"
+    )  # BENTOML_HOME's layout
+    assert yaml.safe_load(shipped.read_text())["serve"]["max_pixels"] == 1_000_000
 
 
 def _free_port() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -78,6 +79,28 @@ class SplitParams(_Section):
     train: float = Field(0.7, gt=0, lt=1)
     val: float = Field(0.2, gt=0, lt=1)
     test: float = Field(0.1, gt=0, lt=1)
+    group_regex: str | None = None
+    group_column: str | None = None
+    stratify: bool = False
+    split_file: str | None = None
+
+    @field_validator("group_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_grouping(self) -> SplitParams:
+        if self.group_regex is not None and self.group_column is not None:
+            raise ValueError("set group_regex or group_column, not both")
+        if self.split_file is not None and self.stratify:
+            raise ValueError("stratify does not apply with split_file (the file decides every split)")
+        return self
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitParams:

@@ -15,18 +15,25 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
-from segflow.splits import SPLITS, assign_splits, check_leakage, split_hash
+from segflow.paths import repo_root
+from segflow.splits import SPLITS, assign_from_file, assign_splits, check_leakage, group_keys, split_hash
 
 
 def main() -> None:
     params = load_params()
+    cfg = params.split
     manifest = read_manifest(CONVERTED / "manifest.csv")
-    ratios = params.split.model_dump()
+    ratios = {name: getattr(cfg, name) for name in SPLITS}
     try:
-        manifest["split"] = assign_splits(manifest, ratios, params.base.seed)
+        manifest["group"] = group_keys(manifest, cfg.group_regex, cfg.group_column)
+        if cfg.split_file is not None:
+            manifest["split"] = assign_from_file(manifest, repo_root() / cfg.split_file)
+        else:
+            stratify = "foreground_fraction" if cfg.stratify else None
+            manifest["split"] = assign_splits(manifest, ratios, params.base.seed, "group", stratify)
         frames = {name: manifest[manifest["split"] == name].drop(columns="split") for name in SPLITS}
-        check_leakage(frames)
-    except ValueError as exc:  # too few images for the ratios, or leakage
+        check_leakage(frames, ("id", "content_hash", "group"))
+    except ValueError as exc:  # too few images for the ratios, a bad grouping or split file, or leakage
         raise StageError(f"split: {exc} (see params.yaml `split` and `ingest.min_images`)") from None
     counts = {name: len(frame) for name, frame in frames.items()}
     with replace_dir(SPLIT) as out:
@@ -35,6 +42,7 @@ def main() -> None:
         summary = {
             "counts": counts,
             "seed": params.base.seed,
+            "groups": {name: int(frame["group"].nunique()) for name, frame in frames.items()},
             "data_hash": data_hash(CONVERTED),
             "test_hash": split_hash(frames["test"]),  # the gate compares champions on the same test set
         }
@@ -44,7 +52,8 @@ def main() -> None:
     with tracking.stage_run("split", tags):
         import mlflow
 
-        mlflow.log_params({f"split.{k}": v for k, v in ratios.items()} | {"base.seed": params.base.seed})
+        logged = {f"split.{k}": v for k, v in cfg.model_dump().items()}
+        mlflow.log_params(logged | {"base.seed": params.base.seed})
         mlflow.log_metrics({f"{k}_images": v for k, v in counts.items()})
     print("split: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 

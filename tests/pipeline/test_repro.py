@@ -201,3 +201,27 @@ def test_dvc_queue_logs_to_the_repository_store(repo_copy: Path):
     assert "Success" in status, status
     stages = sorted(r.data.tags["segflow.stage"] for r in _experiment_runs(repo_copy, "queued-exp"))
     assert stages == ["evaluate", "export", "model", "promote", "train"]
+
+
+def test_grouped_split_keeps_each_group_in_one_split(repo_copy: Path):
+    """split.group_regex through the real stage: the groups (last digit of the file
+    number) never straddle splits, and the summary counts them."""
+    import json
+
+    import pandas as pd
+
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["split"]["group_regex"] = r"(\d)\.png$"
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    run(["dvc", "repro", "split"], repo_copy)
+    frames = {s: pd.read_csv(repo_copy / f"artifacts/split/{s}.csv") for s in ("train", "val", "test")}
+    groups = [set(f["group"].astype(str)) for f in frames.values()]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    assert sum(len(f) for f in frames.values()) == 16
+    summary = json.loads((repo_copy / "artifacts/split/summary.json").read_text())
+    assert sum(summary["groups"].values()) == 10
+
+    params["split"]["group_regex"] = r"^nomatch_"
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    failed = run(["dvc", "repro", "split"], repo_copy, check=False)
+    assert failed.returncode != 0 and "matches no part of 16 file name" in failed.stderr + failed.stdout

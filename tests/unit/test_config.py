@@ -197,3 +197,17 @@ def test_values_the_network_or_data_cannot_use_fail_early(override, key, words):
     with pytest.raises(ParamsError) as info:
         parse_params(override)
     assert key in str(info.value) and words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("split", "words"),
+    [
+        ({"group_regex": "(unclosed"}, "split.group_regex: not a valid regular expression"),
+        ({"group_regex": "^(p)_", "group_column": "well"}, "group_regex or group_column, not both"),
+        ({"split_file": "splits.csv", "stratify": True}, "stratify does not apply with split_file"),
+    ],
+)
+def test_split_grouping_options_are_checked(split, words):
+    with pytest.raises(ParamsError) as caught:
+        parse_params({"split": split})
+    assert words in str(caught.value)

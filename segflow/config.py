@@ -54,12 +54,24 @@ class BaseParams(_Section):
 
 
 class IngestParams(_Section):
+    format: Literal["folder", "coco"] = "folder"
     source: str = "data"
     image_dir: str = "images"
     mask_dir: str = "masks"
+    annotations: str | None = None
+    on_error: Literal["fail", "skip"] = "fail"
     mask_kind: Literal["instance", "semantic"] = "instance"
     mask_values: list[int] | None = None
     min_images: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _coco_needs_annotations(self) -> IngestParams:
+        if self.format == "coco":
+            if not self.annotations:
+                raise ValueError("format 'coco' needs annotations: the JSON file, relative to source")
+            if self.mask_kind != "instance":
+                raise ValueError("format 'coco' yields instance masks; leave mask_kind as 'instance'")
+        return self
 
     @model_validator(mode="after")
     def _values_match_kind(self) -> IngestParams:

@@ -35,6 +35,24 @@ INGEST_RULES: list[tuple[str, str, dict]] = [
 ]  # fmt: skip
 
 
+COCO_IMAGE_RULES: list[tuple[str, str, dict]] = [
+    (
+        "every listed image file exists",
+        "ExpectColumnValuesToBeInSet",
+        {"column": "file_exists", "value_set": [True]},
+    ),
+    ("image ids are unique", "ExpectColumnValuesToBeInSet", {"column": "unique_id", "value_set": [True]}),
+]
+COCO_ANNOTATION_RULES: list[tuple[str, str, dict]] = [
+    ("every annotation's image is listed", "ExpectColumnValuesToBeInSet",
+     {"column": "image_known", "value_set": [True]}),
+    ("every annotation's category is listed", "ExpectColumnValuesToBeInSet",
+     {"column": "category_known", "value_set": [True]}),
+    ("polygons have at least 3 points; RLE sizes match their image", "ExpectColumnValuesToBeInSet",
+     {"column": "shape_ok", "value_set": [True]}),
+]  # fmt: skip
+
+
 @dataclass
 class Check:
     rule: str

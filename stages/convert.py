@@ -25,13 +25,17 @@ from segflow.datasets.canonical import convert_one
 
 def main() -> None:
     params = load_params()
-    source = Path(read_json(INGESTED / SUMMARY)["source"])
+    ingested = read_json(INGESTED / SUMMARY)
+    source = Path(ingested["source"])
+    mask_root = Path(ingested.get("mask_root", ingested["source"]))  # COCO masks live in artifacts/ingested
     manifest = read_manifest(INGESTED / "manifest.csv")
     rows = []
     with replace_dir(CONVERTED) as out:
         for row in manifest.itertuples():
             rows.append(
-                convert_one(row, source, out, params.ingest.mask_kind, params.convert.foreground_values)
+                convert_one(
+                    row, source, mask_root, out, params.ingest.mask_kind, params.convert.foreground_values
+                )
             )
         converted = pd.DataFrame(rows)
         if not (converted["foreground_fraction"] > 0).any():

@@ -11,12 +11,14 @@ from segflow.images import content_hash, read_image, write_png
 from segflow.masks import instances_to_semantic, relabel_sequential, semantic_from_values
 
 
-def convert_one(row, source: Path, out: Path, mask_kind: str, foreground_values) -> dict:
+def convert_one(row, source: Path, mask_root: Path, out: Path, mask_kind: str, foreground_values) -> dict:
     """Write one image's canonical files under `out`.
 
     Args:
         row: an ingest manifest row (id, image, mask, height, width, content_hash).
-        source: the folder the manifest paths are relative to.
+        source: the folder the manifest's image paths are relative to.
+        mask_root: the folder its mask paths are relative to (the source, or
+            artifacts/ingested for masks drawn from COCO annotations).
         out: the converted folder being built.
         mask_kind: "instance" or "semantic" (ingest.mask_kind).
         foreground_values: raw semantic values meaning foreground (convert.foreground_values).
@@ -25,7 +27,7 @@ def convert_one(row, source: Path, out: Path, mask_kind: str, foreground_values)
         The converted manifest row.
     """
     image_src = source / row.image
-    raw_mask = read_image(source / row.mask)
+    raw_mask = read_image(mask_root / row.mask)
     image_rel = f"images/{row.id}{image_src.suffix.lower()}"
     (out / "images").mkdir(exist_ok=True)
     shutil.copyfile(image_src, out / image_rel)  # the pixels are kept exactly as found

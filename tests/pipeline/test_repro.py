@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -120,8 +121,14 @@ def test_model_is_registered_as_challenger(built_repo: Path):
 
     import mlflow.onnx
 
-    mlflow.set_registry_uri(f"sqlite:///{built_repo / 'mlflow.db'}")
-    model = mlflow.onnx.load_model(f"models:/{registration['name']}@challenger")
+    uri = f"sqlite:///{built_repo / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)  # both, whatever earlier tests left in mlflow's globals
+    mlflow.set_registry_uri(uri)
+    try:
+        model = mlflow.onnx.load_model(f"models:/{registration['name']}@challenger")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     assert model.graph.input[0].name == "image"
 
 
@@ -147,7 +154,7 @@ def test_corrupt_image_fails_ingest_and_keeps_previous_outputs(repo_copy: Path):
     for path, content in before.items():
         assert (repo_copy / path).read_bytes() == content, f"{path} changed after a failed ingest"
     report = json.loads((repo_copy / "artifacts/ingest.failed.json").read_text())
-    assert not report["success"]
+    assert not report["suites"]["ingest"]["success"]
 
 
 def test_wrong_size_mask_fails_ingest_naming_the_file(repo_copy: Path):
@@ -225,3 +232,90 @@ def test_grouped_split_keeps_each_group_in_one_split(repo_copy: Path):
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
     failed = run(["dvc", "repro", "split"], repo_copy, check=False)
     assert failed.returncode != 0 and "matches no part of 16 file name" in failed.stderr + failed.stdout
+
+
+def _set(repo: Path, section: str, **values) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_on_error_skip_drops_and_lists_bad_items(repo_copy: Path):
+    from PIL import Image
+
+    images = sorted((repo_copy / "data/images").iterdir())
+    images[3].write_bytes(images[3].read_bytes()[:200])  # truncated image
+    Image.new("I;16", (32, 48)).save(repo_copy / "data/masks" / images[5].name)  # wrong-size mask
+    _set(repo_copy, "ingest", on_error="skip")
+    result = run(["dvc", "repro", "split"], repo_copy)
+    assert "skipped 2 item(s)" in result.stdout
+    report = json.loads((repo_copy / "reports/validation.json").read_text())
+    skipped = {item["item"]: item["problem"] for item in report["skipped"]}
+    assert set(skipped) == {f"images/{images[3].name}", f"images/{images[5].name}"}
+    assert "image unreadable" in skipped[f"images/{images[3].name}"]
+    assert "is 32x48 but the image is 64x64" in skipped[f"images/{images[5].name}"]
+    summary = json.loads((repo_copy / "artifacts/ingested/summary.json").read_text())
+    assert summary["images"] == 14 and summary["skipped"] == 2
+
+
+def _coco_from_instances(repo: Path, layout: str) -> dict:
+    """A COCO file for the copy's sample: one compressed-RLE annotation per object of its
+    instance masks (exact, so the round trip can be compared pixel for pixel)."""
+    import numpy as np
+    from pycocotools import mask as coco_mask
+
+    from segflow.images import read_image
+
+    images, annotations = [], {}
+    for number, path in enumerate(sorted((repo / "data/instances").glob("*.png")), start=1):
+        instances = read_image(path)
+        images.append({"id": number, "file_name": path.name, "width": instances.shape[1],
+                       "height": instances.shape[0]})  # fmt: skip
+        for obj in np.unique(instances)[1:]:
+            rle = coco_mask.encode(np.asfortranarray((instances == obj).astype(np.uint8)))
+            annotations[str(len(annotations) + 1)] = {
+                "image_id": number, "category_id": 1, "iscrowd": 0,
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+            }  # fmt: skip
+    coco = {"images": images, "categories": [{"id": 1, "name": "cell"}]}
+    coco["annotations"] = annotations if layout == "livecell" else list(annotations.values())
+    return coco
+
+
+def test_coco_source_gives_the_same_canonical_masks(built_repo: Path, repo_copy: Path):
+    """The sample as COCO (LIVECell's dict layout) converts to exactly the instance masks
+    the folder of instance-id PNGs gives."""
+    import numpy as np
+
+    from segflow.images import read_image
+
+    shutil.move(repo_copy / "data/masks", repo_copy / "data/instances")
+    (repo_copy / "data/annotations.json").write_text(json.dumps(_coco_from_instances(repo_copy, "livecell")))
+    _set(repo_copy, "ingest", format="coco", annotations="annotations.json")
+    run(["dvc", "repro", "convert"], repo_copy)
+    converted = sorted((built_repo / "artifacts/converted/instances").glob("*.png"))
+    assert len(converted) == 16
+    for path in converted:
+        drawn = read_image(repo_copy / "artifacts/converted/instances" / path.name)
+        assert np.array_equal(read_image(path), drawn), path.name
+
+
+def test_malformed_coco_fails_naming_items_or_skips_them(repo_copy: Path):
+    shutil.move(repo_copy / "data/masks", repo_copy / "data/instances")
+    coco = _coco_from_instances(repo_copy, "list")
+    coco["annotations"][0]["image_id"] = 999  # unknown image
+    coco["annotations"][1]["segmentation"] = [[1, 1, 4, 4]]  # two points
+    coco["images"].append({"id": 500, "file_name": "ghost.png", "width": 64, "height": 64})
+    (repo_copy / "data/annotations.json").write_text(json.dumps(coco))
+    _set(repo_copy, "ingest", format="coco", annotations="annotations.json")
+    failed = run(["dvc", "repro", "ingest"], repo_copy, check=False)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    assert "refers to unknown image id 999" in output
+    assert "has a polygon with 2 point(s)" in output and "ghost.png is missing" in output
+
+    _set(repo_copy, "ingest", on_error="skip")
+    result = run(["dvc", "repro", "ingest"], repo_copy)
+    assert "skipped 3 item(s)" in result.stdout
+    skipped = json.loads((repo_copy / "reports/validation.json").read_text())["skipped"]
+    assert len(skipped) == 3 and any("ghost.png" in item["problem"] for item in skipped)

@@ -70,6 +70,12 @@ def reference_profile(images: Sequence[np.ndarray], foreground_fractions: Sequen
     return profile
 
 
+def profile_model(segmenter, images: Sequence[np.ndarray]) -> dict:
+    """reference_profile of `images` with the foreground fractions `segmenter` predicts on them."""
+    fractions = [np.count_nonzero(p.mask) / p.mask.size for p in segmenter.predict(images)]
+    return reference_profile(images, fractions)
+
+
 def psi(reference: Sequence[float], recent: Sequence[float], bins: int = 10) -> float:
     """Population stability index of `recent` against `reference`.
 

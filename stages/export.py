@@ -24,7 +24,7 @@ from segflow.artifacts import (
 from segflow.config import load_params
 from segflow.export import ParityError, check_parity, export_onnx
 from segflow.inference import Segmenter, normalize
-from segflow.monitoring import REFERENCE_FILE, reference_profile
+from segflow.monitoring import REFERENCE_FILE, profile_model
 from segflow.runtime import set_threads
 from segflow.training import load_checkpoint, load_samples
 
@@ -51,11 +51,9 @@ def main() -> None:
         except ParityError as exc:
             raise StageError(str(exc)) from None
         write_json(out / "parity.json", parity)
-        # What the service's drift signal compares live traffic with: the training images
-        # and the exported model's foreground fraction on them.
-        onnx_segmenter = Segmenter.from_onnx(out / "model.onnx", prep)
-        fractions = [float((p.mask > 0).mean()) for p in onnx_segmenter.predict([s.image for s in train])]
-        write_json(out / REFERENCE_FILE, reference_profile([s.image for s in train], fractions))
+        # What the service's drift signal compares live traffic with (training images).
+        profile = profile_model(Segmenter.from_onnx(out / "model.onnx", prep), [s.image for s in train])
+        write_json(out / REFERENCE_FILE, profile)
         print(
             f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images"
         )

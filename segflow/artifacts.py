@@ -88,7 +88,7 @@ def run_stage(main: Callable[[], None]) -> None:
     from pydantic import ValidationError
 
     from segflow.config import ParamsError
-    from segflow.datasets.folder import AmbiguousPairError
+    from segflow.datasets.folder import SourceFileError
     from segflow.images import ImageReadError
 
     offline_env()
@@ -98,7 +98,7 @@ def run_stage(main: Callable[[], None]) -> None:
         StageError,
         ParamsError,
         ImageReadError,
-        AmbiguousPairError,
+        SourceFileError,  # a COCO, CVAT or .npz file, or a folder layout, that cannot be read
         FileNotFoundError,
         ValidationError,
     ) as exc:

@@ -33,49 +33,102 @@ class Normalize(_Section):
     std: float = Field(0.25, gt=0)
 
 
+class Intensity(_Section):
+    """How raw intensities become [0, 1] before `normalize` (saved in preprocessing.json)."""
+
+    # range: divide by the dtype's maximum (255, 65535). percentile: per image, map the
+    # `low` and `high` percentiles to 0 and 1, which suits 16-bit microscopy whose signal
+    # fills a small part of the range. auto: range for 8-bit images, percentile otherwise.
+    scaling: Literal["auto", "range", "percentile"] = "auto"
+    low: float = Field(1.0, ge=0, lt=50)
+    high: float = Field(99.8, gt=50, le=100)
+
+
 class BaseParams(_Section):
     seed: int = 42
     classes: list[str] = ["background", "cell"]
     in_channels: Literal[1, 3] = 1
+    intensity: Intensity = Intensity()
     normalize: Normalize = Normalize()
     pad_multiple: int = Field(32, ge=1)
 
     @field_validator("classes")
     @classmethod
-    def _binary_only(cls, classes: list[str]) -> list[str]:
-        if len(classes) != 2:
+    def _background_and_more(cls, classes: list[str]) -> list[str]:
+        if len(classes) < 2:
             raise ValueError(
-                f"got {len(classes)} classes {classes}; this release trains binary models only: "
-                "use two names, background first, e.g. [background, cell]"
+                f"got {len(classes)} class(es) {classes}; name the background first and at least "
+                "one foreground class, e.g. [background, cell]"
             )
         if len(set(classes)) != len(classes):
             raise ValueError(f"class names must be unique, got {classes}")
+        if len(classes) > 255:
+            raise ValueError(f"at most 255 classes are supported (masks are 8-bit), got {len(classes)}")
         return classes
 
 
+INGEST_FORMATS = ("folder", "coco", "cvat", "numpy")
+
+
 class IngestParams(_Section):
-    format: Literal["folder", "coco"] = "folder"
+    format: Literal["folder", "coco", "cvat", "numpy"] = "folder"
     source: str = "data"
     image_dir: str = "images"
     mask_dir: str = "masks"
+    image_glob: str = "*"  # folder, cvat: which files in image_dir are images (e.g. "*_img.tif")
+    mask_glob: str = "*"  # ... and in mask_dir are masks
+    image_stem_suffix: str = ""  # folder, cvat: removed from image names before pairing ("_img")
+    mask_stem_suffix: str = ""  # folder, cvat: removed from mask names before pairing ("_masks")
     annotations: str | None = None
+    labelmap: str | None = None  # cvat: CVAT's labelmap.txt, relative to source
+    palette: dict[str, list[int]] | None = None  # cvat: or class name -> [r, g, b] here
+    arrays: str | None = None  # numpy: an .npz with `images` and `masks`, relative to source
     on_error: Literal["fail", "skip"] = "fail"
+    # folder, numpy: what mask pixels hold; coco (instances) and cvat (class colours) decide it themselves
     mask_kind: Literal["instance", "semantic"] = "instance"
     mask_values: list[int] | None = None
     min_images: int = Field(10, ge=1)
 
+    @field_validator("format", mode="before")
+    @classmethod
+    def _known_format(cls, value):
+        if value not in INGEST_FORMATS:
+            raise ValueError(f"unknown format {value!r}; choose one of: {', '.join(INGEST_FORMATS)}")
+        return value
+
+    @field_validator("palette")
+    @classmethod
+    def _rgb_colours(cls, palette: dict[str, list[int]] | None) -> dict[str, list[int]] | None:
+        for name, colour in (palette or {}).items():
+            if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+                raise ValueError(f"{name}: {colour} is not an RGB colour; use [r, g, b] with values 0-255")
+        colours = [tuple(c) for c in (palette or {}).values()]
+        if len(set(colours)) != len(colours):
+            raise ValueError("two classes share one colour; each class needs its own")
+        return palette
+
     @model_validator(mode="after")
-    def _coco_needs_annotations(self) -> IngestParams:
+    def _format_needs(self) -> IngestParams:
         if self.format == "coco":
             if not self.annotations:
                 raise ValueError("format 'coco' needs annotations: the JSON file, relative to source")
             if self.mask_kind != "instance":
                 raise ValueError("format 'coco' yields instance masks; leave mask_kind as 'instance'")
+        if self.format == "cvat":
+            if self.labelmap and self.palette:
+                raise ValueError("format 'cvat': set labelmap or palette, not both")
+            if self.mask_values is not None:
+                raise ValueError("format 'cvat': masks are colours mapped by the palette; remove mask_values")
+        if self.format == "numpy" and not self.arrays:
+            raise ValueError(
+                "format 'numpy' needs arrays: an .npz holding `images` (N, H, W[, C]) and `masks` "
+                "(N, H, W), relative to source (for one .npy file per image use format 'folder')"
+            )
         return self
 
     @model_validator(mode="after")
     def _values_match_kind(self) -> IngestParams:
-        if self.mask_kind == "semantic" and not self.mask_values:
+        if self.mask_kind == "semantic" and not self.mask_values and self.format != "cvat":
             raise ValueError(
                 "mask_kind 'semantic' needs mask_values, the raw values allowed in masks "
                 "(for example [0, 255])"
@@ -84,7 +137,8 @@ class IngestParams(_Section):
 
 
 class ConvertParams(_Section):
-    foreground_values: list[int] | None = None
+    foreground_values: list[int] | None = None  # two classes: raw values meaning the foreground class
+    class_values: dict[str, list[int]] | None = None  # more classes: class name -> its raw values
 
 
 class SplitParams(_Section):
@@ -270,6 +324,44 @@ class Params(_Section):
                 f"convert.foreground_values {fg} must be among ingest.mask_values {allowed}; "
                 "otherwise every mask would be empty"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _classes_reachable(self) -> Params:
+        """Every way of reading masks must be able to produce each class of base.classes."""
+        classes, ingest, convert = self.base.classes, self.ingest, self.convert
+        if convert.foreground_values is not None and convert.class_values is not None:
+            raise ValueError("set convert.foreground_values (two classes) or convert.class_values, not both")
+        if convert.foreground_values is not None and len(classes) > 2:
+            raise ValueError(
+                f"convert.foreground_values is for two classes; with {len(classes)} classes map each "
+                "class's raw values in convert.class_values, e.g. {nucleus: [1], cytoplasm: [2]}"
+            )
+        if convert.class_values is not None:
+            unknown = sorted(set(convert.class_values) - set(classes[1:]))
+            if unknown:
+                raise ValueError(
+                    f"convert.class_values names {unknown}, which are not foreground classes in "
+                    f"base.classes {classes[1:]}"
+                )
+        multi = len(classes) > 2
+        if multi and ingest.format in ("folder", "numpy") and ingest.mask_kind == "instance":
+            raise ValueError(
+                f"base.classes has {len(classes)} classes but instance masks carry no class; use "
+                "semantic masks (ingest.mask_kind: semantic), CVAT colour masks or COCO categories"
+            )
+        if (
+            multi
+            and ingest.mask_kind == "semantic"
+            and convert.class_values is None
+            and ingest.format != "cvat"
+        ):
+            beyond = sorted(v for v in ingest.mask_values or [] if not 0 <= v < len(classes))
+            if beyond:
+                raise ValueError(
+                    f"ingest.mask_values {beyond} are not class ids 0-{len(classes) - 1}; map raw values "
+                    "to classes with convert.class_values, e.g. {" + f"{classes[1]}: [{beyond[0]}]" + "}"
+                )
         return self
 
     def digest(self) -> str:

@@ -32,6 +32,11 @@ class Preprocessing:
     pad_multiple: int
     threshold: float
     classes: list[str] = field(default_factory=lambda: ["background", "cell"])
+    # Intensity scaling to [0, 1] (base.intensity). The defaults reproduce models exported
+    # before these fields existed: divide by the dtype's range.
+    scaling: str = "range"  # range | percentile | auto (range for uint8, else percentile)
+    low: float = 1.0  # percentile scaling: these per-image percentiles map to 0 and 1
+    high: float = 99.8
     input_name: str = "image"
     output_name: str = "logits"
     version: int = PREPROCESSING_VERSION
@@ -60,8 +65,8 @@ class Preprocessing:
 class Prediction:
     """One image's result at its original size."""
 
-    logits: np.ndarray  # (H, W) float32, foreground logit
-    probability: np.ndarray  # (H, W) float32 in [0, 1]
+    logits: np.ndarray  # two classes: (H, W) float32 foreground logit; K > 2: (K, H, W)
+    probability: np.ndarray  # (H, W) float32 in [0, 1]: P(foreground) = 1 - P(background)
     mask: np.ndarray  # (H, W) uint8 class ids
     instances: np.ndarray  # (H, W) uint16 object ids, 0 = background
 
@@ -83,6 +88,24 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float in [0, 1]")
 
 
+def scale_intensity(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Raw intensities -> float32 on a [0, 1] scale, as `prep` says (training and inference alike).
+
+    Percentile scaling maps each image's `low` and `high` percentiles to 0 and 1 (values
+    beyond stay beyond), so dim 16-bit microscopy uses the whole input range.
+    """
+    method = prep.scaling
+    if method == "auto":
+        method = "range" if image.dtype == np.uint8 else "percentile"
+    if method == "range":
+        return to_unit_range(image)
+    unit = to_unit_range(image)  # validates the dtype and finiteness first
+    flat = unit.ravel()
+    flat = flat[:: max(1, flat.size // 2**20)]  # a 1M-pixel sample estimates the percentiles closely
+    lo, hi = np.percentile(flat, [prep.low, prep.high])
+    return ((unit - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
+
+
 def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
     """(H, W) or (H, W, C) -> (in_channels, H, W), converting gray <-> RGB as needed."""
     if image.ndim == 2:
@@ -101,7 +124,12 @@ def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
 
 def normalize(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Raw image -> (C, H, W) float32 model input at the original size (no padding)."""
-    chw = to_channels(to_unit_range(image), prep.in_channels)
+    return standardize(scale_intensity(image, prep), prep)
+
+
+def standardize(unit: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Image already scaled by scale_intensity -> (C, H, W) float32 model input."""
+    chw = to_channels(unit, prep.in_channels)
     return ((chw - prep.mean) / prep.std).astype(np.float32)
 
 
@@ -117,6 +145,25 @@ def pad_to_multiple(chw: np.ndarray, multiple: int) -> np.ndarray:
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free form
+
+
+def to_prediction(logit: np.ndarray, threshold: float) -> Prediction:
+    """(K, H, W) logits (K = 1 for two classes) -> Prediction."""
+    if logit.shape[0] == 1:
+        probability = sigmoid(logit[0])
+        mask = (probability > threshold).astype(np.uint8)
+        return Prediction(logit[0], probability, mask, label_instances(mask))
+    probabilities = softmax(logit)  # (K, H, W)
+    foreground = 1.0 - probabilities[0]
+    classes = (np.argmax(probabilities[1:], axis=0) + 1).astype(np.uint8)
+    mask = np.where(foreground > threshold, classes, 0).astype(np.uint8)
+    return Prediction(logit, foreground.astype(np.float32), mask, label_instances(mask))
+
+
+def softmax(logit: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0 of (K, H, W) logits, float32."""
+    shifted = np.exp(logit - logit.max(axis=0, keepdims=True))
+    return (shifted / shifted.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
 class Segmenter:
@@ -198,18 +245,13 @@ class Segmenter:
         return results  # type: ignore[return-value]
 
     def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[Prediction]:
-        """Raw images -> Prediction (probability and thresholded class-id mask) each."""
+        """Raw images -> Prediction (probability and thresholded class-id mask) each.
+
+        A pixel is foreground when P(foreground) exceeds the threshold; with more than two
+        classes it then takes the most probable foreground class.
+        """
         threshold = self.prep.threshold if threshold is None else threshold
-        predictions = []
-        for logit in self.logits(images):
-            probability = sigmoid(logit[0])
-            mask = (probability > threshold).astype(np.uint8)
-            predictions.append(
-                Prediction(
-                    logits=logit[0], probability=probability, mask=mask, instances=label_instances(mask)
-                )
-            )
-        return predictions
+        return [to_prediction(logit, threshold) for logit in self.logits(images)]
 
     def predict_one(self, image: np.ndarray) -> Prediction:
         return self.predict([image])[0]

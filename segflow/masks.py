@@ -16,27 +16,44 @@ def instances_to_semantic(instances: np.ndarray) -> np.ndarray:
     return (instances > 0).astype(np.uint8)
 
 
-def semantic_from_values(mask: np.ndarray, foreground_values: list[int] | None) -> np.ndarray:
-    """Raw semantic mask -> (H, W) uint8 class ids for a binary task.
+def semantic_from_values(
+    mask: np.ndarray,
+    foreground_values: list[int] | None,
+    class_values: dict[int, list[int]] | None = None,
+    n_classes: int = 2,
+) -> np.ndarray:
+    """Raw semantic mask -> (H, W) uint8 class ids.
 
     Args:
         mask: (H, W) integer mask as found in the source.
-        foreground_values: raw values meaning foreground; None means every non-zero value.
+        foreground_values: two classes: raw values meaning foreground (None: every non-zero value).
+        class_values: class id -> its raw values; values not listed become background.
+        n_classes: with more than two classes and no class_values, raw values are the class ids.
     """
+    if class_values is not None:
+        classes = np.zeros(mask.shape, np.uint8)
+        for class_id, values in class_values.items():
+            classes[np.isin(mask, values)] = class_id
+        return classes
+    if n_classes > 2:
+        return mask.astype(np.uint8)  # config checked that ingest.mask_values are class ids
     if foreground_values is None:
         return (mask != 0).astype(np.uint8)
     return np.isin(mask, foreground_values).astype(np.uint8)
 
 
 def relabel_sequential(instances: np.ndarray) -> np.ndarray:
-    """Instance ids renumbered 1..n in order of first appearance; (H, W) uint16."""
-    ids = np.unique(instances)
-    ids = ids[ids != 0]
-    if len(ids) > np.iinfo(np.uint16).max:
-        raise ValueError(f"{len(ids)} objects in one mask; at most 65535 are supported")
-    lookup = np.zeros(int(instances.max()) + 1, np.uint16)
-    lookup[ids] = np.arange(1, len(ids) + 1, dtype=np.uint16)
-    return lookup[instances]
+    """Instance ids renumbered 1..n in increasing id order; (H, W) uint16.
+
+    Works from the ids present (np.unique), so 32-bit ids near 4e9 cost no lookup table.
+    """
+    ids, inverse = np.unique(instances, return_inverse=True)
+    objects = len(ids) - int(ids[0] == 0)
+    if objects > np.iinfo(np.uint16).max:
+        raise ValueError(f"{objects} objects in one mask; at most 65535 are supported")
+    if ids[0] != 0:
+        inverse = inverse + 1  # no background pixel: the smallest id becomes 1
+    return inverse.reshape(instances.shape).astype(np.uint16)
 
 
 def connected_instances(semantic: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Segmentation metrics: Dice, IoU, precision, recall (binary, per image and pooled)."""
+"""Segmentation metrics: Dice, IoU, precision, recall per image and pooled; per class for K classes."""
 
 from __future__ import annotations
 
@@ -50,3 +50,39 @@ def summarize(counts: list[Counts]) -> dict[str, float]:
     summary["dice_pooled"] = pooled.scores()["dice"]
     summary["images"] = len(counts)
     return summary
+
+
+def class_confusions(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> list[Counts]:
+    """Counts per foreground class (ids 1..n_classes-1) of (H, W) class-id masks."""
+    return [confusion(pred == c, truth == c) for c in range(1, n_classes)]
+
+
+def summarize_classes(per_image: list[list[Counts]], classes: list[str]) -> dict[str, float]:
+    """Scores of a K-class task: each class like a binary task, then their mean.
+
+    Args:
+        per_image: for each image, its class_confusions.
+        classes: the class names, background first.
+
+    Returns:
+        With two classes exactly `summarize` of the foreground class. With more, the plain
+        keys (dice, iou, ...) are means over the foreground classes, and `dice_<class>`,
+        `iou_<class>` give each class's own score.
+    """
+    if not per_image:
+        raise ValueError("no images to summarise")
+    by_class = [summarize([counts[k] for counts in per_image]) for k in range(len(classes) - 1)]
+    if len(by_class) == 1:
+        return by_class[0]
+    summary = {name: float(np.mean([s[name] for s in by_class])) for name in (*SCORES, "dice_pooled")}
+    for name, scores in zip(classes[1:], by_class, strict=True):
+        summary[f"dice_{name}"] = scores["dice"]
+        summary[f"iou_{name}"] = scores["iou"]
+    summary["images"] = len(per_image)
+    return summary
+
+
+def image_scores(counts: list[Counts]) -> dict[str, float]:
+    """One image's scores: with several foreground classes, the mean over them."""
+    scores = [c.scores() for c in counts]
+    return {name: float(np.mean([s[name] for s in scores])) for name in SCORES}

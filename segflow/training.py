@@ -1,4 +1,4 @@
-"""The training loop: augmentations, Dice + BCE loss, AdamW, best checkpoint by val Dice."""
+"""The training loop: augmentations, Dice + BCE or cross-entropy loss, AdamW, best checkpoint by val Dice."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pandas as pd
 
 from segflow.config import Params
 from segflow.images import read_image
-from segflow.inference import Preprocessing, Segmenter, normalize, to_unit_range
-from segflow.metrics import confusion, summarize
+from segflow.inference import Preprocessing, Segmenter, scale_intensity, standardize, to_prediction
+from segflow.metrics import class_confusions, summarize_classes
 from segflow.models import build_model, model_spec
 from segflow.runtime import offline_env
 
@@ -45,6 +45,9 @@ def preprocessing_from(params: Params) -> Preprocessing:
         pad_multiple=base.pad_multiple,
         threshold=params.evaluate.threshold,
         classes=list(base.classes),
+        scaling=base.intensity.scaling,
+        low=base.intensity.low,
+        high=base.intensity.high,
     )
 
 
@@ -78,12 +81,10 @@ class _AugmentedDataset:
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        # albumentations handles uint8 and float32; other types (16-bit) go as [0, 1] floats.
-        image = s.image if s.image.dtype == np.uint8 else to_unit_range(s.image)
-        out = self.augment(image=image, mask=s.mask)
-        x = normalize(out["image"], self.prep)  # (C, h, w) float32
-        y = (out["mask"] > 0).astype(np.float32)[None]  # (1, h, w) float32
-        return x, y
+        # Intensities are scaled exactly as inference scales them, then augmented as floats.
+        out = self.augment(image=scale_intensity(s.image, self.prep), mask=s.mask)
+        x = standardize(out["image"], self.prep)  # (C, h, w) float32
+        return x, _target(out["mask"], len(self.prep.classes))
 
 
 def train_model(
@@ -113,7 +114,7 @@ def train_model(
     prep = preprocessing_from(params)
     spec = model_spec(params.base, cfg)
     model = build_model(spec, cfg.encoder_weights)
-    loss_fn = _make_loss(cfg.dice_weight)
+    loss_fn = _make_loss(cfg.dice_weight, len(params.base.classes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * max(1, -(-len(train) // cfg.batch_size))
@@ -161,6 +162,13 @@ def train_model(
     return history
 
 
+def _target(mask: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class-id mask -> loss target: (1, h, w) float32 foreground (two classes) or (h, w) int64 ids."""
+    if n_classes == 2:
+        return (mask > 0).astype(np.float32)[None]
+    return mask.astype(np.int64)
+
+
 def _collate(batch):
     import torch
 
@@ -168,31 +176,39 @@ def _collate(batch):
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
-def _make_loss(dice_weight: float):
+def _make_loss(dice_weight: float, n_classes: int):
+    """Dice + BCE on one foreground logit (two classes), Dice + cross-entropy over K logits otherwise."""
     import torch
     from segmentation_models_pytorch.losses import DiceLoss
 
-    dice = DiceLoss(mode="binary", from_logits=True)
-    bce = torch.nn.BCEWithLogitsLoss()
+    if n_classes == 2:
+        dice, pixelwise = DiceLoss(mode="binary", from_logits=True), torch.nn.BCEWithLogitsLoss()
+    else:
+        dice, pixelwise = DiceLoss(mode="multiclass", from_logits=True), torch.nn.CrossEntropyLoss()
 
     def loss(logits, target):
-        return dice_weight * dice(logits, target) + (1 - dice_weight) * bce(logits, target)
+        return dice_weight * dice(logits, target) + (1 - dice_weight) * pixelwise(logits, target)
 
     return loss
 
 
 def _validate(model, prep: Preprocessing, val: list[Sample], loss_fn) -> tuple[float, float]:
-    """Validation through the inference path, on whole images (no augmentation)."""
+    """Validation through the inference path, on whole images (no augmentation).
+
+    Returns:
+        (mean loss, Dice at the default 0.5 threshold, averaged over foreground classes).
+    """
     import torch
 
     segmenter = Segmenter.from_torch(model, prep)
-    logits = segmenter.logits([s.image for s in val])
+    n_classes = len(prep.classes)
     counts, losses = [], []
-    for s, logit in zip(val, logits, strict=True):
-        target = torch.from_numpy((s.mask > 0).astype(np.float32))[None, None]
+    for s, logit in zip(val, segmenter.logits([s.image for s in val]), strict=True):
+        target = torch.from_numpy(_target(s.mask, n_classes))[None]
         losses.append(loss_fn(torch.from_numpy(logit)[None], target).item())
-        counts.append(confusion(logit[0] > 0, s.mask))  # logit > 0 <=> probability > 0.5
-    return float(np.mean(losses)), summarize(counts)["dice"]
+        pred = to_prediction(logit, threshold=0.5).mask
+        counts.append(class_confusions(pred, s.mask, n_classes))
+    return float(np.mean(losses)), summarize_classes(counts, list(prep.classes))["dice"]
 
 
 def save_checkpoint(path: Path, model, spec: dict, prep: Preprocessing, **info) -> None:

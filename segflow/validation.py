@@ -51,6 +51,11 @@ COCO_ANNOTATION_RULES: list[tuple[str, str, dict]] = [
     ("polygons have at least 3 points; RLE sizes match their image", "ExpectColumnValuesToBeInSet",
      {"column": "shape_ok", "value_set": [True]}),
 ]  # fmt: skip
+# CVAT colour masks (segflow.datasets.cvat): one row per image/mask pair of the manifest.
+CVAT_MASK_RULES: list[tuple[str, str, dict]] = [
+    ("mask colours are all in the palette", "ExpectColumnValuesToBeInSet",
+     {"column": "palette_ok", "value_set": [True]}),
+]  # fmt: skip
 
 
 @dataclass

@@ -26,18 +26,30 @@ from segflow.datasets.canonical import convert_one
 def main() -> None:
     params = load_params()
     ingested = read_json(INGESTED / SUMMARY)
-    source = Path(ingested["source"])
-    mask_root = Path(ingested.get("mask_root", ingested["source"]))  # COCO masks live in artifacts/ingested
+    # Readers that draw or decode files write them into artifacts/ingested.
+    image_root = Path(ingested.get("image_root", ingested["source"]))
+    mask_root = Path(ingested.get("mask_root", ingested["source"]))
+    mask_kind = ingested.get("mask_kind", params.ingest.mask_kind)
+    classes = list(params.base.classes)
+    class_values = _class_values_by_id(params.convert.class_values, classes)
     manifest = read_manifest(INGESTED / "manifest.csv")
     rows = []
     with replace_dir(CONVERTED) as out:
         for row in manifest.itertuples():
             rows.append(
                 convert_one(
-                    row, source, mask_root, out, params.ingest.mask_kind, params.convert.foreground_values
+                    row,
+                    image_root,
+                    mask_root,
+                    out,
+                    mask_kind,
+                    params.convert.foreground_values,
+                    class_values=class_values,
+                    n_classes=len(classes),
                 )
             )
         converted = pd.DataFrame(rows)
+        _check_classes_present(converted, classes)
         if not (converted["foreground_fraction"] > 0).any():
             raise StageError(
                 "convert: every mask is empty after conversion; check ingest.mask_kind, "
@@ -56,6 +68,24 @@ def main() -> None:
             {"images": summary["images"], "foreground_fraction": summary["foreground_fraction"]}
         )
     print(f"convert: {len(converted)} images, mean foreground {summary['foreground_fraction']:.3f}")
+
+
+def _class_values_by_id(by_name: dict[str, list[int]] | None, classes: list[str]) -> dict | None:
+    return None if by_name is None else {classes.index(name): values for name, values in by_name.items()}
+
+
+def _check_classes_present(converted: pd.DataFrame, classes: list[str]) -> None:
+    """With K > 2 classes, a class no mask contains cannot be learned: say which and why."""
+    if len(classes) <= 2:
+        return
+    absent = [
+        name for k, name in enumerate(classes[1:], start=1) if not (converted[f"fraction_{k}"] > 0).any()
+    ]
+    if absent:
+        raise StageError(
+            f"convert: no mask contains class(es) {absent} of base.classes {classes}; check the "
+            "class names against your annotations (palette, COCO categories or convert.class_values)"
+        )
 
 
 if __name__ == "__main__":

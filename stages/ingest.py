@@ -13,7 +13,7 @@ from pathlib import Path
 from segflow import tracking
 from segflow.artifacts import INGESTED, REPORTS, SUMMARY, StageError, replace_dir, run_stage, write_json
 from segflow.config import load_params
-from segflow.datasets.coco import CocoFileError
+from segflow.datasets.folder import SourceFileError
 from segflow.datasets.sources import read_source
 
 FAILED_REPORT = Path("artifacts/ingest.failed.json")
@@ -25,8 +25,8 @@ def main() -> None:
     cfg = params.ingest
     with replace_dir(INGESTED) as out:
         try:
-            ingested = read_source(cfg, out)
-        except CocoFileError as exc:
+            ingested = read_source(cfg, out, list(params.base.classes))
+        except SourceFileError as exc:  # the COCO / CVAT labelmap / .npz file itself
             raise StageError(f"ingest: {exc}") from None
         for name, report in ingested.suites.items():
             print(f"[{name}] " + report.render())
@@ -42,7 +42,9 @@ def main() -> None:
         manifest, digest = ingested.manifest, ingested.data_hash()
         source = str(Path(cfg.source))
         summary = {"source": source, "format": cfg.format,
+                   "image_root": str(INGESTED) if ingested.images_in_output else source,
                    "mask_root": str(INGESTED) if ingested.masks_in_output else source,
+                   "mask_kind": ingested.mask_kind,
                    "images": len(manifest), "data_hash": digest,
                    "objects": int(manifest["objects"].fillna(0).sum()),
                    "skipped": len(ingested.skipped)}  # fmt: skip

@@ -11,17 +11,30 @@ from segflow.images import content_hash, read_image, write_png
 from segflow.masks import instances_to_semantic, relabel_sequential, semantic_from_values
 
 
-def convert_one(row, source: Path, mask_root: Path, out: Path, mask_kind: str, foreground_values) -> dict:
+def convert_one(
+    row,
+    source: Path,
+    mask_root: Path,
+    out: Path,
+    mask_kind: str,
+    foreground_values,
+    class_values: dict[int, list[int]] | None = None,
+    n_classes: int = 2,
+) -> dict:
     """Write one image's canonical files under `out`.
 
     Args:
-        row: an ingest manifest row (id, image, mask, height, width, content_hash).
+        row: an ingest manifest row (id, image, mask, height, width, content_hash; a
+            `classes` path when the reader drew a class-id mask beside instance ids).
         source: the folder the manifest's image paths are relative to.
         mask_root: the folder its mask paths are relative to (the source, or
-            artifacts/ingested for masks drawn from COCO annotations).
+            artifacts/ingested for masks drawn from annotations, palettes or arrays).
         out: the converted folder being built.
-        mask_kind: "instance" or "semantic" (ingest.mask_kind).
+        mask_kind: "instance", "semantic" (raw values, mapped to classes here) or
+            "class_ids" (already class ids).
         foreground_values: raw semantic values meaning foreground (convert.foreground_values).
+        class_values: class id -> raw semantic values (convert.class_values by id).
+        n_classes: len(base.classes).
 
     Returns:
         The converted manifest row.
@@ -35,14 +48,23 @@ def convert_one(row, source: Path, mask_root: Path, out: Path, mask_kind: str, f
               "height": row.height, "width": row.width, "content_hash": row.content_hash}  # fmt: skip
     if mask_kind == "instance":
         instances = relabel_sequential(raw_mask)  # (H, W) uint16 ids 1..n
-        semantic = instances_to_semantic(instances)  # (H, W) uint8 class ids
+        classes_file = getattr(row, "classes", None)
+        if isinstance(classes_file, str) and classes_file:  # multi-class COCO: drawn per category
+            semantic = read_image(mask_root / classes_file).astype(np.uint8)
+        else:
+            semantic = instances_to_semantic(instances)  # (H, W) uint8 class ids
         result["instances"] = f"instances/{row.id}.png"
         write_png(out / result["instances"], instances)
         result["objects"] = int(instances.max())
+    elif mask_kind == "class_ids":
+        semantic = raw_mask.astype(np.uint8)  # (H, W) uint8 class ids, from a palette or categories
+        result["objects"] = ""
     else:
-        semantic = semantic_from_values(raw_mask, foreground_values)
+        semantic = semantic_from_values(raw_mask, foreground_values, class_values, n_classes)
         result["objects"] = ""
     write_png(out / result["mask"], semantic)
     result["mask_hash"] = content_hash(semantic)
     result["foreground_fraction"] = float(np.mean(semantic > 0))
+    for class_id in range(1, n_classes) if n_classes > 2 else ():
+        result[f"fraction_{class_id}"] = float(np.mean(semantic == class_id))
     return result

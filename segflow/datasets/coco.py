@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from segflow.datasets.folder import SourceFileError
 
-class CocoFileError(ValueError):
+
+class CocoFileError(SourceFileError):
     """The annotation file itself cannot be used (missing, not JSON, no images list)."""
 
 
@@ -33,6 +35,7 @@ class CocoImage:
     width: int
     height: int
     annotations: list[dict] = field(default_factory=list)
+    classes: list[int] = field(default_factory=list)  # class id of each annotation, same order
     problem: str = ""
 
     @property
@@ -65,19 +68,24 @@ def _int_or(value):
         return value
 
 
-def read_coco(path: Path, image_root: Path) -> tuple[list[CocoImage], pd.DataFrame, pd.DataFrame]:
+def read_coco(
+    path: Path, image_root: Path, classes: list[str] | None = None
+) -> tuple[list[CocoImage], pd.DataFrame, pd.DataFrame]:
     """The images with their annotations, plus one row per image and per annotation.
 
     Args:
         path: the COCO JSON file.
         image_root: the folder `images[].file_name` is relative to.
+        classes: base.classes. With two, every category is the foreground class; with
+            more, each annotation's category name must be one of them.
 
     Returns:
         (images, image rows, annotation rows); rows carry `image` (the item's name for
         reports), check columns and `problem` ("" when fine).
     """
     data = load_coco(path)
-    categories = {c.get("id") for c in data.get("categories", [])}
+    categories = {c.get("id"): str(c.get("name", "")) for c in data.get("categories", [])}
+    class_ids = category_classes(data.get("categories", []), classes or ["background", "object"])
     images: dict = {}
     image_rows = []
     for info in data["images"]:
@@ -97,15 +105,36 @@ def read_coco(path: Path, image_root: Path) -> tuple[list[CocoImage], pd.DataFra
     for ann in data["annotations"]:
         image = images.get(ann.get("image_id"))
         label = f"{image.file_name if image else '?'} annotation {ann.get('id')}"
-        problem = _annotation_problem(ann, image, categories)
+        problem = _annotation_problem(ann, image, categories) or _class_problem(ann, categories, classes)
         annotation_rows.append(
             {"image": label, "image_known": image is not None,
-             "category_known": ann.get("category_id") in categories,
+             "category_known": ann.get("category_id") in categories and not problem.endswith("annotations"),
              "shape_ok": not problem or "image id" in problem or "category" in problem, "problem": problem}
         )  # fmt: skip
         if image is not None and not problem:
             image.annotations.append(ann)
+            image.classes.append(class_ids.get(ann.get("category_id"), 1))
     return list(images.values()), pd.DataFrame(image_rows), pd.DataFrame(annotation_rows)
+
+
+def category_classes(categories: list[dict], classes: list[str]) -> dict:
+    """Category id -> class id: all 1 with two classes, else by name (unknown names -> 0;
+    their annotations are reported by _class_problem and never drawn)."""
+    if len(classes) == 2:
+        return {c.get("id"): 1 for c in categories}
+    return {c.get("id"): classes.index(c["name"]) if c.get("name") in classes[1:] else 0 for c in categories}
+
+
+def _class_problem(ann: dict, categories: dict, classes: list[str] | None) -> str:
+    if classes is None or len(classes) == 2:
+        return ""
+    name = categories.get(ann.get("category_id"))
+    if name in classes[1:]:
+        return ""
+    return (
+        f"annotation {ann.get('id')} has category {name!r}, which is not a class in base.classes "
+        f"{classes}; add it there or remove its annotations"
+    )
 
 
 def _annotation_problem(ann: dict, image: CocoImage | None, categories: set) -> str:

@@ -375,12 +375,14 @@ def test_parity_fails_when_one_backend_returns_nan():
         check_parity(reference, broken, images, atol=1e-4)
 
 
-def test_training_items_from_16_bit_images_match_their_8_bit_twins():
+@pytest.mark.parametrize("scaling", ["range", "percentile"])
+def test_training_items_from_16_bit_images_match_their_8_bit_twins(scaling):
     from segflow.config import parse_params
     from segflow.training import Sample, _AugmentedDataset, build_augmentations, preprocessing_from
 
     params = parse_params(
         {
+            "base": {"intensity": {"scaling": scaling}},
             "train": {
                 "crop_size": None,
                 "augment": {
@@ -390,7 +392,7 @@ def test_training_items_from_16_bit_images_match_their_8_bit_twins():
                     "brightness_contrast": 0,
                     "gauss_noise": 0,
                 },
-            }
+            },
         }
     )
     rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
-from segflow.datasets.canonical import convert_one
+from segflow.datasets.canonical import absent_classes, class_values_by_id, convert_one
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     mask_root = Path(ingested.get("mask_root", ingested["source"]))
     mask_kind = ingested.get("mask_kind", params.ingest.mask_kind)
     classes = list(params.base.classes)
-    class_values = _class_values_by_id(params.convert.class_values, classes)
+    class_values = class_values_by_id(params.convert.class_values, classes)
     manifest = read_manifest(INGESTED / "manifest.csv")
     rows = []
     with replace_dir(CONVERTED) as out:
@@ -49,7 +49,12 @@ def main() -> None:
                 )
             )
         converted = pd.DataFrame(rows)
-        _check_classes_present(converted, classes)
+        absent = absent_classes(converted, classes)
+        if absent:
+            raise StageError(
+                f"convert: no mask contains class(es) {absent} of base.classes {classes}; check the "
+                "class names against your annotations (palette, COCO categories or convert.class_values)"
+            )
         if not (converted["foreground_fraction"] > 0).any():
             raise StageError(
                 "convert: every mask is empty after conversion; check ingest.mask_kind, "
@@ -68,24 +73,6 @@ def main() -> None:
             {"images": summary["images"], "foreground_fraction": summary["foreground_fraction"]}
         )
     print(f"convert: {len(converted)} images, mean foreground {summary['foreground_fraction']:.3f}")
-
-
-def _class_values_by_id(by_name: dict[str, list[int]] | None, classes: list[str]) -> dict | None:
-    return None if by_name is None else {classes.index(name): values for name, values in by_name.items()}
-
-
-def _check_classes_present(converted: pd.DataFrame, classes: list[str]) -> None:
-    """With K > 2 classes, a class no mask contains cannot be learned: say which and why."""
-    if len(classes) <= 2:
-        return
-    absent = [
-        name for k, name in enumerate(classes[1:], start=1) if not (converted[f"fraction_{k}"] > 0).any()
-    ]
-    if absent:
-        raise StageError(
-            f"convert: no mask contains class(es) {absent} of base.classes {classes}; check the "
-            "class names against your annotations (palette, COCO categories or convert.class_values)"
-        )
 
 
 if __name__ == "__main__":

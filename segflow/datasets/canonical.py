@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from segflow.images import content_hash, read_image, write_png
 from segflow.masks import instances_to_semantic, relabel_sequential, semantic_from_values
@@ -68,3 +69,14 @@ def convert_one(
     for class_id in range(1, n_classes) if n_classes > 2 else ():
         result[f"fraction_{class_id}"] = float(np.mean(semantic == class_id))
     return result
+
+
+def class_values_by_id(by_name: dict[str, list[int]] | None, classes: list[str]) -> dict | None:
+    return None if by_name is None else {classes.index(name): values for name, values in by_name.items()}
+
+
+def absent_classes(converted: pd.DataFrame, classes: list[str]) -> list[str]:
+    """With K > 2 classes, the classes no converted mask contains (they cannot be learned)."""
+    if len(classes) <= 2:
+        return []
+    return [name for k, name in enumerate(classes[1:], start=1) if not (converted[f"fraction_{k}"] > 0).any()]

@@ -19,6 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--count", type=int, default=None, help="number of images (default 120)")
     sample.add_argument("--size", type=int, default=None, help="image side in pixels (default 256)")
     sample.add_argument("--seed", type=int, default=None, help="generator seed (default 2024)")
+    sample.add_argument(
+        "--domain",
+        default=None,
+        help="how the cells are imaged: 'default' (the embedded dataset) or 'shifted' (another "
+        "microscope: uneven light, low contrast, weak halos, more blur and noise; for "
+        "domain-shift evaluation, e.g. --out data/shifted --domain shifted --count 24)",
+    )
     sample.set_defaults(run=_sample)
 
     predict = commands.add_parser(
@@ -58,12 +65,17 @@ def _sample(args) -> int:
 
     from segflow.datasets.sample import SampleSpec, generate_sample
 
-    overrides = {k: getattr(args, k) for k in ("count", "size", "seed") if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k) for k in ("count", "size", "seed", "domain") if getattr(args, k) is not None
+    }
     spec = replace(SampleSpec(), **overrides)
     if spec.count < 1 or spec.size < 32:
         raise ValueError("--count must be at least 1 and --size at least 32")
     written = generate_sample(args.out, spec)
-    print(f"wrote {len(written)} images of {spec.size}x{spec.size} with instance masks to {args.out}")
+    print(
+        f"wrote {len(written)} {spec.domain}-domain images of {spec.size}x{spec.size} "
+        f"with instance masks to {args.out}"
+    )
     return 0
 
 

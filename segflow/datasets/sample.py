@@ -8,6 +8,13 @@ illumination, blur and noise. A global intensity threshold mostly finds halos, n
 
 Each image i is drawn from its own seed (seed, i), so the first n images do not depend on
 how many are generated, and the bytes are identical on every run (data.dvc relies on it).
+
+A second imaging domain, "shifted", draws the same kind of cells and masks but images them
+as another microscope would: stronger uneven illumination and vignetting, a darker
+background, less contrast between cells and background, weaker and narrower halos, more
+blur and noise. It is an evaluation set for domain shift: a model trained on the default
+domain should lose some, not all, of its accuracy there. Its images come from their own
+stream (seed, i, 1), so they show other cells than the default images of the same index.
 """
 
 from __future__ import annotations
@@ -21,8 +28,73 @@ from scipy import ndimage as ndi
 
 
 @dataclass(frozen=True)
+class Imaging:
+    """How one domain's microscope renders cells; each pair is a uniform range per image.
+
+    The default domain's values are the generator's original constants, drawn in the
+    original order, so its bytes never change; `vignetting` and `offset` are None there
+    because drawing them would move every later draw of the default stream.
+    """
+
+    stream: tuple[int, ...]  # appended to (seed, index) to seed the image's generator
+    background: tuple[float, float]
+    tilt: float  # largest slope of the illumination plane, per image side
+    spot: tuple[float, float]  # peak of the broad bright illumination spot
+    halo_width: tuple[float, float]  # pixels over which the halo fades
+    halo_strength: tuple[float, float]
+    body_offset: tuple[float, float]  # cell interior minus background, per cell
+    texture: tuple[float, float]
+    nucleus: tuple[float, float]  # how much darker the nucleus is
+    rim: float  # darkening of the cell's inner edge
+    blur: tuple[float, float]  # Gaussian sigma in pixels
+    noise: tuple[float, float]  # Gaussian noise sigma, in [0, 1] intensity units
+    vignetting: tuple[float, float] | None = None  # darkening at the corners, relative
+    offset: tuple[float, float] | None = None  # added after illumination (stray light, bias)
+
+
+DOMAINS: dict[str, Imaging] = {
+    "default": Imaging(
+        stream=(),
+        background=(0.42, 0.55),
+        tilt=0.25,
+        spot=(0.05, 0.2),
+        halo_width=(2.0, 4.0),
+        halo_strength=(0.22, 0.38),
+        body_offset=(-0.16, 0.06),
+        texture=(0.04, 0.12),
+        nucleus=(0.03, 0.1),
+        rim=0.08,
+        blur=(0.7, 1.4),
+        noise=(0.02, 0.045),
+    ),
+    # Another microscope: every cue the default domain offers is still there, only weaker
+    # or buried under illumination, blur and noise.
+    "shifted": Imaging(
+        stream=(1,),
+        background=(0.32, 0.42),
+        tilt=0.35,
+        spot=(0.0, 0.1),
+        halo_width=(1.8, 3.2),
+        halo_strength=(0.12, 0.22),
+        body_offset=(-0.12, 0.05),
+        texture=(0.03, 0.08),
+        nucleus=(0.03, 0.08),
+        rim=0.06,
+        blur=(1.1, 1.8),
+        noise=(0.03, 0.05),
+        vignetting=(0.2, 0.35),
+        offset=(0.03, 0.08),
+    ),
+}
+
+
+@dataclass(frozen=True)
 class SampleSpec:
-    """What to generate; defaults are the embedded dataset tracked by data.dvc."""
+    """What to generate; defaults are the embedded dataset tracked by data.dvc.
+
+    `domain` picks how cells are imaged: "default" (the embedded dataset) or "shifted"
+    (another microscope, for domain-shift evaluation); see DOMAINS.
+    """
 
     count: int = 120
     size: int = 256
@@ -31,6 +103,13 @@ class SampleSpec:
     max_cells: int = 22
     min_radius: float = 9.0
     max_radius: float = 22.0
+    domain: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise ValueError(
+                f"unknown sample domain {self.domain!r}; choose one of {', '.join(sorted(DOMAINS))}"
+            )
 
 
 def generate_sample(out_dir: str | Path, spec: SampleSpec = SampleSpec()) -> list[Path]:
@@ -63,24 +142,31 @@ def render_image(spec: SampleSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
         image: (H, W) uint8 phase-contrast-like intensities.
         instances: (H, W) uint16 instance ids, 0 = background.
     """
-    rng = np.random.default_rng([spec.seed, index])
+    imaging = DOMAINS[spec.domain]
+    rng = np.random.default_rng([spec.seed, index, *imaging.stream])
     size = spec.size
     instances = _place_cells(rng, spec)  # (H, W) uint16
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
 
     # Background with slow uneven illumination: a tilted plane plus a broad bright spot.
-    background = rng.uniform(0.42, 0.55)
-    tilt = rng.uniform(-0.25, 0.25, size=2)
+    background = rng.uniform(*imaging.background)
+    tilt = rng.uniform(-imaging.tilt, imaging.tilt, size=2)
     cy, cx = rng.uniform(0, 1, size=2)
-    spot = rng.uniform(0.05, 0.2) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.15)
+    spot = rng.uniform(*imaging.spot) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.15)
     illumination = 1.0 + tilt[0] * (yy - 0.5) + tilt[1] * (xx - 0.5) + spot
+    if imaging.vignetting is not None:
+        # Radial fall-off: 1 at the centre, 1 - strength in the corners.
+        corner_distance = ((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / 0.5
+        illumination *= 1.0 - rng.uniform(*imaging.vignetting) * corner_distance
 
     image = np.full((size, size), background, np.float32)
-    image += _halos(rng, instances)
-    image += _cell_bodies(rng, instances, background)
+    image += _halos(rng, instances, imaging)
+    image += _cell_bodies(rng, instances, imaging)
     image *= illumination
-    image = ndi.gaussian_filter(image, rng.uniform(0.7, 1.4))
-    image += rng.normal(0, rng.uniform(0.02, 0.045), image.shape).astype(np.float32)
+    if imaging.offset is not None:
+        image += rng.uniform(*imaging.offset)
+    image = ndi.gaussian_filter(image, rng.uniform(*imaging.blur))
+    image += rng.normal(0, rng.uniform(*imaging.noise), image.shape).astype(np.float32)
     image = np.clip(image * 255.0, 0, 255).round().astype(np.uint8)
     return image, instances
 
@@ -117,18 +203,18 @@ def _place_cells(rng: np.random.Generator, spec: SampleSpec) -> np.ndarray:
     return instances
 
 
-def _halos(rng: np.random.Generator, instances: np.ndarray) -> np.ndarray:
+def _halos(rng: np.random.Generator, instances: np.ndarray, imaging: Imaging) -> np.ndarray:
     """Bright rings just outside each cell, fading over a few pixels (the phase halo)."""
     foreground = instances > 0
     outside_distance = ndi.distance_transform_edt(~foreground)
-    width = rng.uniform(2.0, 4.0)
-    strength = rng.uniform(0.22, 0.38)
+    width = rng.uniform(*imaging.halo_width)
+    strength = rng.uniform(*imaging.halo_strength)
     halo = strength * np.exp(-outside_distance / width)
     halo[foreground] = 0.0
     return halo.astype(np.float32)
 
 
-def _cell_bodies(rng: np.random.Generator, instances: np.ndarray, background: float) -> np.ndarray:
+def _cell_bodies(rng: np.random.Generator, instances: np.ndarray, imaging: Imaging) -> np.ndarray:
     """Per-cell offsets close to the background, a dark rim, texture and a nucleus."""
     body = np.zeros(instances.shape, np.float32)
     texture = ndi.gaussian_filter(rng.normal(0, 1, instances.shape), 1.5).astype(np.float32)
@@ -139,13 +225,13 @@ def _cell_bodies(rng: np.random.Generator, instances: np.ndarray, background: fl
             continue
         # Mostly darker than the background, sometimes slightly brighter: no single
         # threshold separates every cell.
-        body[cell] += rng.uniform(-0.16, 0.06)
-        body[cell] += rng.uniform(0.04, 0.12) * texture[cell]
+        body[cell] += rng.uniform(*imaging.body_offset)
+        body[cell] += rng.uniform(*imaging.texture) * texture[cell]
         ys, xs = np.nonzero(cell)
         ny, nx = ys.mean() + rng.normal(0, 2), xs.mean() + rng.normal(0, 2)
         nucleus = (ys - ny) ** 2 + (xs - nx) ** 2 <= (0.35 * np.sqrt(cell.sum() / np.pi)) ** 2
-        body[ys[nucleus], xs[nucleus]] -= rng.uniform(0.03, 0.1)
+        body[ys[nucleus], xs[nucleus]] -= rng.uniform(*imaging.nucleus)
     # A thin dark rim on the inner edge of every cell, as phase contrast shows membranes.
     rim = (inside_distance > 0) & (inside_distance <= 1.5)
-    body[rim] -= 0.08
+    body[rim] -= imaging.rim
     return body

@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage as ndi
 
 from segflow.baseline import otsu_segment
-from segflow.datasets.sample import SampleSpec, generate_sample, render_image
+from segflow.datasets.sample import DOMAINS, SampleSpec, generate_sample, render_image
 from segflow.metrics import confusion
 
 SMALL = SampleSpec(count=3, size=64)
+
+# sha256 of the rendered arrays' bytes, recorded from the generator before domains existed:
+# the default domain must keep drawing exactly these images, or data.dvc's hash breaks.
+# Arrays, not PNG files, so a different zlib cannot fail the test.
+ORIGINAL_SHA256 = {
+    (64, 2024, 0): (
+        "7035133816d05684b65bb1be51e52371e68a8068b7704f4550623a71279d78e3",
+        "8865defa294b34dfb518fd9926841049195145f7d01789543a0c8e24e3cf81b3",
+    ),
+    (64, 2024, 1): (
+        "01f5eaa7f75423622994d2f6a1a120feb4cd3701e9c09acf2248d9b002438852",
+        "9673caf2940364f604219c64d70eb540e372de04c81ca7b70b644551ca9c4ab8",
+    ),
+    (96, 7, 0): (
+        "627372ea89ff85cbea519caf906aa947d9b7a69185976f1dcd8962ea07da2d61",
+        "486709d0f5be470086dbdb8b9565180dfd1991914dbd5ac77162eb6638d132bd",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +82,14 @@ def test_generate_sample_returns_image_paths_with_matching_masks(tmp_path):
         assert (tmp_path / "masks" / path.name).is_file()
 
 
-def test_files_hold_exactly_the_rendered_arrays(tmp_path):
-    generate_sample(tmp_path, SMALL)
+@pytest.mark.parametrize(
+    "spec", [SMALL, SampleSpec(count=2, size=64, domain="shifted")], ids=["default", "shifted"]
+)
+def test_files_hold_exactly_the_rendered_arrays(tmp_path, spec):
+    generate_sample(tmp_path, spec)
 
-    for i in range(SMALL.count):
-        image, instances = render_image(SMALL, i)
+    for i in range(spec.count):
+        image, instances = render_image(spec, i)
         with Image.open(tmp_path / "images" / f"cells_{i:04d}.png") as img:
             assert img.mode == "L"
             np.testing.assert_array_equal(np.asarray(img), image)
@@ -130,3 +157,138 @@ def test_a_global_otsu_threshold_segments_poorly(default_images):
         dice.append(best)
 
     assert np.mean(dice) < 0.7
+
+
+# --- imaging domains -------------------------------------------------------------------
+
+
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(array.tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def shifted_images() -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first 10 images of the shifted domain at the embedded dataset's size."""
+    spec = SampleSpec(domain="shifted")
+    return [render_image(spec, i) for i in range(10)]
+
+
+def intensity_stats(image: np.ndarray, instances: np.ndarray) -> dict[str, float]:
+    """Mean intensity, cell-minus-background and halo-minus-background, in grey levels."""
+    image = image.astype(np.float64)
+    outside = ndi.distance_transform_edt(instances == 0)
+    background = image[outside > 8].mean()  # far enough from cells to miss the halo
+    return {
+        "mean": image.mean(),
+        "cell_contrast": abs(image[instances > 0].mean() - background),
+        "halo_contrast": image[(outside > 0) & (outside <= 3)].mean() - background,
+    }
+
+
+@pytest.mark.parametrize(("size", "seed", "index"), sorted(ORIGINAL_SHA256))
+def test_default_domain_draws_exactly_the_original_images(size, seed, index):
+    for spec in (SampleSpec(size=size, seed=seed), SampleSpec(size=size, seed=seed, domain="default")):
+        image, instances = render_image(spec, index)
+
+        assert (sha256(image), sha256(instances)) == ORIGINAL_SHA256[(size, seed, index)]
+
+
+def test_shifted_domain_draws_other_cells_than_the_default_one():
+    for index in range(3):
+        default_image, default_cells = render_image(SMALL, index)
+        shifted_image, shifted_cells = render_image(SampleSpec(size=64, domain="shifted"), index)
+
+        assert not np.array_equal(default_cells, shifted_cells)
+        assert not np.array_equal(default_image, shifted_image)
+
+
+def test_shifted_domain_is_deterministic_per_seed_and_index(tmp_path):
+    spec = SampleSpec(count=3, size=64, domain="shifted")
+    generate_sample(tmp_path / "a", spec)
+    generate_sample(tmp_path / "b", spec)
+    generate_sample(tmp_path / "five", SampleSpec(count=5, size=64, domain="shifted"))
+
+    a, b, five = (file_bytes(tmp_path / name) for name in ("a", "b", "five"))
+    assert a == b
+    assert a == {name: data for name, data in five.items() if name in a}
+    other_seed, _ = render_image(SampleSpec(size=64, seed=1, domain="shifted"), 0)
+    assert not np.array_equal(render_image(spec, 0)[0], other_seed)
+
+
+def test_shifted_images_are_darker_with_less_contrast(default_images, shifted_images):
+    default = [intensity_stats(*pair) for pair in default_images]
+    shifted = [intensity_stats(*pair) for pair in shifted_images]
+
+    def mean(rows, key):
+        return float(np.mean([row[key] for row in rows]))
+
+    # Measured on 24 images: mean 128 -> 103, cell contrast 16 -> 8, halo 29 -> 10.
+    assert mean(shifted, "mean") < mean(default, "mean") - 10
+    assert mean(shifted, "cell_contrast") < 0.7 * mean(default, "cell_contrast")
+    assert mean(shifted, "halo_contrast") < 0.6 * mean(default, "halo_contrast")
+    # ... but the cells are still there to be found: a bright halo, a visible body.
+    assert mean(shifted, "halo_contrast") > 4
+    assert mean(shifted, "cell_contrast") > 3
+
+
+def test_shifted_masks_keep_the_default_masks_properties(default_images, shifted_images):
+    def summary(pairs):
+        counts = [int(instances.max()) for _, instances in pairs]
+        cover = [float((instances > 0).mean()) for _, instances in pairs]
+        return np.mean(counts), np.mean(cover)
+
+    for image, instances in shifted_images:
+        assert image.dtype == np.uint8 and image.shape == (256, 256)
+        assert instances.dtype == np.uint16 and instances.shape == (256, 256)
+        ids = np.unique(instances)
+        assert ids[0] == 0
+        np.testing.assert_array_equal(ids[1:], np.arange(1, len(ids)))
+        assert len(ids) - 1 >= 3
+    (default_count, default_cover), (shifted_count, shifted_cover) = (
+        summary(default_images),
+        summary(shifted_images),
+    )
+    assert abs(shifted_count - default_count) < 4
+    assert abs(shifted_cover - default_cover) < 0.05
+
+
+def test_an_unknown_domain_names_the_choices():
+    with pytest.raises(ValueError, match="unknown sample domain 'phase'") as error:
+        SampleSpec(domain="phase")
+
+    for name in DOMAINS:
+        assert name in str(error.value)
+
+
+def segflow(*args: str) -> subprocess.CompletedProcess:
+    """The installed `segflow` command, in its own process so its environment stays there."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "segflow"), *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_writes_the_shifted_domain(tmp_path):
+    result = segflow("sample", "--out", str(tmp_path), "--domain", "shifted", "--count", "2", "--size", "64")
+
+    assert result.returncode == 0, result.stderr
+    assert "shifted" in result.stdout
+    image, _ = render_image(SampleSpec(size=64, domain="shifted"), 1)
+    with Image.open(tmp_path / "images" / "cells_0001.png") as img:
+        np.testing.assert_array_equal(np.asarray(img), image)
+
+
+def test_cli_rejects_an_unknown_domain_with_the_choices(tmp_path):
+    result = segflow("sample", "--out", str(tmp_path), "--domain", "phase", "--count", "1")
+
+    assert result.returncode == 1
+    assert "phase" in result.stderr and "default" in result.stderr and "shifted" in result.stderr
+    assert not (tmp_path / "images").exists()
+
+
+def test_cli_help_documents_the_domains():
+    result = segflow("sample", "--help")
+
+    assert result.returncode == 0
+    assert "--domain" in result.stdout
+    for name in DOMAINS:
+        assert name in result.stdout

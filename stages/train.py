@@ -1,8 +1,13 @@
-"""train: fit the segmentation model; keep the best checkpoint by validation Dice."""
+"""train: fit the segmentation model; keep the best checkpoint by validation Dice.
+
+An interrupted run (kill, crash, Ctrl-C) leaves a resume state in artifacts/.resume/: the
+next `dvc repro` continues from the last completed epoch if params, data and code match.
+"""
 
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 from segflow import tracking
 from segflow.artifacts import (
@@ -17,10 +22,14 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
+from segflow.epochs import best_epoch
+from segflow.resume import discard
 from segflow.runtime import set_threads
 from segflow.training import load_samples, train_model
 
 CURVES = PLOTS / "train_curves.csv"
+# Outside artifacts/model: replace_dir rebuilds that folder from empty on every run.
+RESUME = Path("artifacts/.resume/train.pt")
 
 
 def main() -> None:
@@ -34,6 +43,7 @@ def main() -> None:
     with replace_dir(MODEL) as out, tracking.model_stage_run("train", tags, out, new_model=True) as runs:
         parent_id, _ = runs
         best = _fit_and_log(params, train, val, out, parent_id)
+    discard(RESUME)  # the model is in place: nothing left to resume
     print(f"train: best val Dice {best['val_dice']:.4f} at epoch {best['epoch']}")
 
 
@@ -52,10 +62,16 @@ def _fit_and_log(params, train, val, out, parent_id: str) -> dict:
         for key, value in metrics.items():  # the model's row shows the curves too
             client.log_metric(parent_id, key, value, step=record["epoch"])
 
-    history = train_model(params, train, val, out / "model.pt", on_epoch=log_epoch)
-    best = max(history, key=lambda r: r["val_dice"])
+    history = train_model(params, train, val, out / "model.pt", on_epoch=log_epoch, resume_path=RESUME)
+    best = best_epoch(history)  # the epoch whose weights model.pt holds
     write_json(out / "history.json", history)
-    summary = {"best_epoch": best["epoch"], "best_val_dice": best["val_dice"], "data_hash": data_hash(SPLIT)}
+    summary = {
+        "best_epoch": best["epoch"],
+        "best_val_dice": best["val_dice"],
+        "epochs_run": len(history),
+        "stopped_early": len(history) < params.train.epochs,
+        "data_hash": data_hash(SPLIT),
+    }
     write_json(out / "summary.json", summary)
     _write_curves(history)
     mlflow.log_artifact(str(CURVES), "plots")

@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export BENTOML_DO_NOT_TRACK ?= True
 
-.PHONY: help setup data run test test-fast lint format mlflow serve clean
+.PHONY: help setup data run test test-fast lint format mlflow serve docs-images clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,8 +32,10 @@ $(VENV)/.installed: pyproject.toml
 
 data: setup ## make data/ available: regenerate the embedded sample dataset data.dvc tracks
 	@if [ -d data ]; then echo "data/ present"; else \
-		$(BIN)/segflow sample --out data && $(BIN)/dvc commit --force --quiet data.dvc && \
-		echo "data/ regenerated; it matches data.dvc" ; fi
+		$(BIN)/segflow sample --out data && \
+		$(BIN)/segflow sample --out data/shifted --domain shifted --count 24 && \
+		$(BIN)/dvc commit --force --quiet data.dvc && \
+		echo "data/ regenerated (with the shifted-domain set in data/shifted); it matches data.dvc" ; fi
 
 run: data ## run the pipeline: dvc repro (cached; only what changed re-runs)
 	$(BIN)/dvc repro
@@ -57,6 +59,10 @@ mlflow: setup ## open the MLflow UI on the project's store (http://127.0.0.1:500
 
 serve: setup ## serve the champion with BentoML on http://127.0.0.1:3000
 	$(BIN)/bentoml serve service:svc
+
+docs-images: ## copy the README's pictures from the last `dvc repro` (first test overlay, training curves)
+	cp "$$(ls reports/overlays/*.png | head -n 1)" docs/overlay.png
+	cp reports/figures/training_curves.png docs/training_curves.png
 
 clean: ## remove pipeline outputs in the workspace (the DVC cache keeps them: `dvc checkout` restores)
 	rm -rf artifacts predictions

@@ -253,11 +253,15 @@ class SegflowService:
                 "max_batch_images": self.config.max_batch_images,
                 "shape": "(H, W) or (H, W, C), C = 1, 3 or 4; floats finite in [0, 1]",
                 "channels_used": prep.in_channels,
-                "size_rule": f"any size; padded to a multiple of {prep.pad_multiple}, cropped back",
+                "size_rule": f"any size; padded to a multiple of {prep.pad_multiple}, cropped back"
+                + (f"; over {prep.tile_size} px: overlapping tiles" if prep.tile_size else ""),
             },
             "output": {
                 "classes": self.classes,
                 "threshold": prep.threshold,
+                "objects": prep.instances,  # watershed: touching objects split; components: connected regions
+                "seed_threshold": prep.seed_threshold,
+                "min_area": prep.min_area,
                 "mask_png": "class ids",
                 "rle": "COCO compressed RLE, column-major (pycocotools.mask.decode)",
             },

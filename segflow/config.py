@@ -197,8 +197,14 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0001, ge=0)
     dice_weight: float = Field(0.5, ge=0, le=1)
     crop_size: int | None = Field(192, ge=32)
+    crops_per_image: int = Field(1, ge=1)  # random crops per training image per epoch (large images: more)
     threads: int = Field(2, ge=1)
     augment: Augment = Augment()
+    # What happens between epochs.
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    early_stopping: int = Field(0, ge=0)  # epochs without a better val Dice before stopping; 0 = never
+    deterministic: bool = True  # seeded, deterministic kernels: a resumed run ends like an uninterrupted one
+    interior_margin: int = Field(2, ge=1)  # watershed target: pixels this close to an edge are not interior
 
     @field_validator("decoder_channels")
     @classmethod
@@ -253,9 +259,69 @@ class TrainParams(_Section):
         return value
 
 
+class InferenceParams(_Section):
+    """Probability maps -> objects, saved in preprocessing.json: evaluate, CLI and service agree."""
+
+    # watershed: the network also predicts object interiors, which seed a watershed that
+    # splits touching objects; components: connected components of the mask; auto:
+    # watershed when the dataset has instance ids (instance masks, COCO), else components.
+    instances: Literal["auto", "watershed", "components"] = "auto"
+    threshold: float = Field(0.5, gt=0, lt=1)  # P(foreground) above which a pixel belongs to an object
+    seed_threshold: float = Field(0.5, gt=0, lt=1)  # watershed: P(interior) above which pixels seed objects
+    min_area: int = Field(0, ge=0)  # objects smaller than this many pixels are dropped
+    tile_size: int = Field(512, ge=0)  # larger images run as overlapping tiles of this size; 0 = whole images
+    tile_overlap: int = Field(64, ge=0)
+    tune: bool = True  # evaluate picks threshold, seed_threshold and min_area on the validation split
+    threshold_grid: list[float] = [0.4, 0.5, 0.6]
+    seed_threshold_grid: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    min_area_grid: list[int] = [0, 16, 32, 64]
+    tune_metric: Literal["ap", "ap50", "dice"] = "ap"  # ap = COCO mask AP50:95
+
+    @field_validator("threshold_grid", "seed_threshold_grid")
+    @classmethod
+    def _probabilities(cls, grid: list[float]) -> list[float]:
+        if not grid or not all(0 < v < 1 for v in grid):
+            raise ValueError(f"need at least one probability strictly between 0 and 1, got {grid}")
+        return sorted(set(grid))
+
+    @field_validator("min_area_grid")
+    @classmethod
+    def _areas(cls, grid: list[int]) -> list[int]:
+        if not grid or min(grid) < 0:
+            raise ValueError(f"need at least one area >= 0 (pixels), got {grid}")
+        return sorted(set(grid))
+
+    @model_validator(mode="after")
+    def _tiles_fit(self) -> InferenceParams:
+        if self.tile_size and (self.tile_size % 32 or self.tile_overlap * 2 >= self.tile_size):
+            raise ValueError(
+                f"tile_size {self.tile_size} must be a multiple of 32 and more than twice tile_overlap "
+                f"({self.tile_overlap}); e.g. tile_size 512, tile_overlap 64 (or tile_size 0: no tiling)"
+            )
+        return self
+
+
+class ExtraSet(_Section):
+    """A further labelled dataset evaluated on its own (another microscope, clinic or stain)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str  # folder holding image_dir and mask_dir, relative to the repository
+    image_dir: str = "images"
+    mask_dir: str = "masks"
+    mask_kind: Literal["instance", "semantic"] = "instance"  # semantic: no instance metrics
+
+
 class EvaluateParams(_Section):
-    threshold: float = Field(0.5, gt=0, lt=1)
     overlays: int = Field(6, ge=0)
+    extra_sets: list[ExtraSet] = []
+
+    @field_validator("extra_sets")
+    @classmethod
+    def _unique_names(cls, sets: list[ExtraSet]) -> list[ExtraSet]:
+        names = [s.name for s in sets]
+        if len(set(names)) != len(names) or {"val", "test"} & set(names):
+            raise ValueError(f"extra set names must be unique and not 'val' or 'test', got {names}")
+        return sets
 
 
 class ExportParams(_Section):
@@ -265,7 +331,7 @@ class ExportParams(_Section):
     registered_model_name: str = Field("segflow-segmenter", min_length=1)
 
 
-GATE_METRICS = ("dice", "iou", "precision", "recall", "dice_pooled")
+GATE_METRICS = ("dice", "iou", "precision", "recall", "dice_pooled", "ap", "ap50", "ap75")
 
 
 class PromoteParams(_Section):
@@ -292,8 +358,8 @@ class ServeParams(_Section):
     """The service's limits and bookkeeping (read by service.py; travels in the Bento)."""
 
     max_upload_bytes: int = Field(32 * 2**20, ge=1024)
-    # Until tiled inference lands, a whole image goes through the network at once:
-    # this bounds memory (a 2048x2048 image needs about 2 GB of activations).
+    # The network sees tiles of inference.tile_size, so its memory is bounded anyway; this
+    # bounds what decoding, probabilities and post-processing hold for one image.
     max_pixels: int = Field(2048 * 2048, ge=32 * 32)
     max_batch_images: int = Field(16, ge=1)
     formats: list[Literal["png", "jpeg", "tiff", "npy"]] = list(UPLOAD_FORMATS)
@@ -311,6 +377,7 @@ class Params(_Section):
     convert: ConvertParams = ConvertParams()
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
+    inference: InferenceParams = InferenceParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     promote: PromoteParams = PromoteParams()
@@ -363,6 +430,30 @@ class Params(_Section):
                     "to classes with convert.class_values, e.g. {" + f"{classes[1]}: [{beyond[0]}]" + "}"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _watershed_needs_instances(self) -> Params:
+        ingest = self.ingest
+        if self.inference.instances == "watershed" and not self.has_instance_ids():
+            raise ValueError(
+                "inference.instances: watershed learns object interiors from instance ids, but "
+                f"ingest.format {ingest.format} with mask_kind {ingest.mask_kind} gives class masks only; "
+                "set inference.instances: components (objects = connected regions of the mask) or auto"
+            )
+        return self
+
+    def has_instance_ids(self) -> bool:
+        """Whether the ingested dataset tells objects apart (instance masks or COCO)."""
+        ingest = self.ingest
+        return ingest.format == "coco" or (
+            ingest.format in ("folder", "numpy") and ingest.mask_kind == "instance"
+        )
+
+    def instance_method(self) -> str:
+        """inference.instances with auto resolved: watershed when instance ids exist, else components."""
+        if self.inference.instances != "auto":
+            return self.inference.instances
+        return "watershed" if self.has_instance_ids() else "components"
 
     def digest(self) -> str:
         """Stable sha256 of the validated values (the `params_hash` lineage tag)."""

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from segflow.instances import drop_small, split_by_class, watershed_instances
 from segflow.objects import label_instances
+from segflow.tiling import tiled_logits
 
 PREPROCESSING_VERSION = 1
+# What evaluate may choose after training (params.inference, tuned on val): how logits become
+# objects and how large images are tiled. The network's inputs and outputs stay as trained.
+POSTPROCESS_FIELDS = ("threshold", "seed_threshold", "min_area", "tile_size", "tile_overlap")
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,23 @@ class Preprocessing:
     scaling: str = "range"  # range | percentile | auto (range for uint8, else percentile)
     low: float = 1.0  # percentile scaling: these per-image percentiles map to 0 and 1
     high: float = 99.8
+    # Objects (inference.* in params.yaml). The defaults reproduce older models: connected
+    # components of the mask, whole-image inference.
+    instances: str = "components"  # components | watershed (the model's last channel is P(interior) logits)
+    seed_threshold: float = 0.5  # watershed: P(interior) above which a pixel seeds an object
+    min_area: int = 0  # objects smaller than this many pixels are dropped
+    tile_size: int = 0  # images larger than this run as overlapping tiles; 0 = whole images
+    tile_overlap: int = 0
     input_name: str = "image"
     output_name: str = "logits"
     version: int = PREPROCESSING_VERSION
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_postprocess(self, values: dict) -> Preprocessing:
+        """A copy with the POSTPROCESS_FIELDS found in `values` (params.inference or postprocess.json)."""
+        return replace(self, **{k: values[k] for k in POSTPROCESS_FIELDS if k in values})
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessing:
@@ -69,6 +85,7 @@ class Prediction:
     probability: np.ndarray  # (H, W) float32 in [0, 1]: P(foreground) = 1 - P(background)
     mask: np.ndarray  # (H, W) uint8 class ids
     instances: np.ndarray  # (H, W) uint16 object ids, 0 = background
+    interior: np.ndarray | None = None  # watershed models: (H, W) float32 P(object interior)
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:
@@ -147,17 +164,51 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free form
 
 
-def to_prediction(logit: np.ndarray, threshold: float) -> Prediction:
-    """(K, H, W) logits (K = 1 for two classes) -> Prediction."""
+def to_prediction(logit: np.ndarray, prep: Preprocessing) -> Prediction:
+    """(channels, H, W) logits -> Prediction, post-processed as `prep` says.
+
+    The channels are one foreground logit (two classes) or K class logits, followed by
+    one interior logit when prep.instances is "watershed".
+    """
+    watershed = prep.instances == "watershed"
+    semantic = logit[:-1] if watershed else logit
+    probability, mask = semantic_mask(semantic, prep.threshold)
+    if watershed:
+        interior = sigmoid(logit[-1])
+        instances = watershed_instances(mask > 0, interior, prep.seed_threshold)
+        if len(prep.classes) > 2:
+            instances = split_by_class(instances, mask)
+    else:
+        interior, instances = None, label_instances(mask)
+    logits = semantic[0] if semantic.shape[0] == 1 else semantic
+    return without_small_objects(Prediction(logits, probability, mask, instances, interior), prep.min_area)
+
+
+def without_small_objects(prediction: Prediction, min_area: int) -> Prediction:
+    """The prediction with objects under `min_area` pixels removed from its instances and mask."""
+    if min_area <= 0:
+        return prediction
+    instances = drop_small(prediction.instances, min_area)
+    mask = np.where(instances > 0, prediction.mask, 0).astype(np.uint8)
+    return replace(prediction, instances=instances, mask=mask)
+
+
+def semantic_mask(logit: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(K, H, W) class logits (K = 1 for two classes) -> P(foreground) and the class-id mask.
+
+    A pixel is foreground when P(foreground) = 1 - P(background) exceeds the threshold; with
+    more than two classes it then takes the most probable foreground class.
+
+    Returns:
+        (H, W) float32 probability and (H, W) uint8 class ids.
+    """
     if logit.shape[0] == 1:
         probability = sigmoid(logit[0])
-        mask = (probability > threshold).astype(np.uint8)
-        return Prediction(logit[0], probability, mask, label_instances(mask))
+        return probability, (probability > threshold).astype(np.uint8)
     probabilities = softmax(logit)  # (K, H, W)
-    foreground = 1.0 - probabilities[0]
+    foreground = (1.0 - probabilities[0]).astype(np.float32)
     classes = (np.argmax(probabilities[1:], axis=0) + 1).astype(np.uint8)
-    mask = np.where(foreground > threshold, classes, 0).astype(np.uint8)
-    return Prediction(logit, foreground.astype(np.float32), mask, label_instances(mask))
+    return foreground, np.where(foreground > threshold, classes, 0).astype(np.uint8)
 
 
 def softmax(logit: np.ndarray) -> np.ndarray:
@@ -226,23 +277,17 @@ class Segmenter:
         return cls(run, prep)
 
     def logits(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Raw images -> (K, H, W) float32 logits each, at each image's own size.
+        """Raw images -> (channels, H, W) float32 logits each, at each image's own size.
 
-        Images of the same padded shape share model calls, up to batch_size at a time.
+        Images larger than prep.tile_size run as overlapping tiles blended together, at the
+        scale the model was trained on, so memory stays bounded whatever the image size.
+        Whole images of one padded shape, and tiles, share model calls up to batch_size.
         """
-        inputs = [pad_to_multiple(normalize(img, self.prep), self.prep.pad_multiple) for img in images]
-        results: list[np.ndarray | None] = [None] * len(images)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, x in enumerate(inputs):
-            by_shape.setdefault(x.shape, []).append(i)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                out = self._run_batch(np.stack([inputs[i] for i in chunk]))  # (n, K, H', W')
-                for i, logit in zip(chunk, out, strict=True):
-                    h, w = images[i].shape[:2]
-                    results[i] = np.ascontiguousarray(logit[:, :h, :w], dtype=np.float32)
-        return results  # type: ignore[return-value]
+        prep = self.prep
+        inputs = [normalize(image, prep) for image in images]
+        return tiled_logits(
+            self._run_batch, inputs, prep.tile_size, prep.tile_overlap, prep.pad_multiple, self.batch_size
+        )
 
     def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[Prediction]:
         """Raw images -> Prediction (probability and thresholded class-id mask) each.
@@ -250,8 +295,8 @@ class Segmenter:
         A pixel is foreground when P(foreground) exceeds the threshold; with more than two
         classes it then takes the most probable foreground class.
         """
-        threshold = self.prep.threshold if threshold is None else threshold
-        return [to_prediction(logit, threshold) for logit in self.logits(images)]
+        prep = self.prep if threshold is None else replace(self.prep, threshold=threshold)
+        return [to_prediction(logit, prep) for logit in self.logits(images)]
 
     def predict_one(self, image: np.ndarray) -> Prediction:
         return self.predict([image])[0]

@@ -32,18 +32,21 @@ def encoder_names() -> list[str]:
     return sorted(get_encoder_names())
 
 
-def output_channels(base: BaseParams) -> int:
-    """Binary models have one logit channel (sigmoid); K-class models K (softmax)."""
-    return 1 if len(base.classes) == 2 else len(base.classes)
+def output_channels(base: BaseParams, interior: bool = False) -> int:
+    """Binary models have one logit channel (sigmoid); K-class models K (softmax).
+
+    A model that separates touching objects by watershed has one more: P(interior) logits.
+    """
+    return (1 if len(base.classes) == 2 else len(base.classes)) + int(interior)
 
 
-def model_spec(base: BaseParams, train: TrainParams) -> dict:
+def model_spec(base: BaseParams, train: TrainParams, interior: bool = False) -> dict:
     """Everything needed to rebuild the network, saved beside its weights."""
     spec = {
         "architecture": train.architecture,
         "encoder": train.encoder,
         "in_channels": base.in_channels,
-        "classes": output_channels(base),
+        "classes": output_channels(base, interior),
     }
     if train.architecture in {"Unet", "UnetPlusPlus", "MAnet"}:
         spec["decoder_channels"] = list(train.decoder_channels)

@@ -53,6 +53,18 @@ def label_instances(mask: np.ndarray) -> np.ndarray:
     return instances
 
 
+def object_scores(instances: np.ndarray, probability: np.ndarray) -> dict[int, float]:
+    """Each object's confidence: the mean probability over its pixels (what AP ranks by).
+
+    Args:
+        instances: (H, W) uint16 instance ids.
+        probability: (H, W) float32 probability of each pixel's predicted class.
+    """
+    areas = np.bincount(instances.ravel())
+    sums = np.bincount(instances.ravel(), weights=probability.ravel().astype(np.float64))
+    return {i: float(sums[i] / areas[i]) for i in np.flatnonzero(areas[1:]) + 1}
+
+
 def describe_objects(
     instances: np.ndarray, mask: np.ndarray, probability: np.ndarray
 ) -> list[SegmentedObject]:

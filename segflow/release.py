@@ -198,7 +198,7 @@ def evaluate_version(name: str, version: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = download_model(name, version, Path(tmp))
         segmenter = Segmenter.from_onnx(folder / "model.onnx", folder / "preprocessing.json")
-        summary, _, _ = score_split(segmenter, test, "test")
+        summary = score_split(segmenter, test, "test").summary
     return _gate_metrics(summary)
 
 

@@ -34,6 +34,7 @@ def main() -> None:
     cfg = params.export
     set_threads(params.train.threads)
     model, prep = load_checkpoint(MODEL / "model.pt")
+    prep = prep.with_postprocess(read_json(REPORTS / "postprocess.json"))  # as evaluate chose on val
     test = load_samples(read_manifest(SPLIT / "test.csv"), CONVERTED)
     train = load_samples(read_manifest(SPLIT / "train.csv"), CONVERTED)
     metrics = read_json(REPORTS / "metrics.json")

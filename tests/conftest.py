@@ -25,7 +25,7 @@ TINY_PARAMS = {
     "train": {"epochs": 2, "batch_size": 4, "crop_size": 64, "decoder_channels": [16, 16, 16, 16, 16]},
     "evaluate": {"overlays": 2},
     # Two epochs on 16 tiny images: the gate's bars must be reachable for a first champion.
-    "promote": {"minimums": {"dice": 0.05, "iou": 0.02}},
+    "promote": {"minimums": {"dice": 0.05, "iou": 0.02, "ap50": 0.0}, "max_regression": {"ap50": 1.0}},
 }
 
 
@@ -61,7 +61,11 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def make_tiny_repo(dest: Path, params: dict | None = None, count: int = 16, size: int = 64) -> Path:
-    """Copy the tracked files, generate a tiny sample dataset, commit; returns the copy."""
+    """Copy the tracked files, generate a tiny sample dataset, commit; returns the copy.
+
+    Like the real data/, the dataset holds a shifted-domain evaluation set in data/shifted
+    (6 images of the same size) beside the training images.
+    """
     files = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT, capture_output=True, text=True, check=True,
@@ -75,6 +79,8 @@ def make_tiny_repo(dest: Path, params: dict | None = None, count: int = 16, size
     (dest / "params.yaml").write_text(yaml.safe_dump(merge(merge(raw, TINY_PARAMS), params or {})))
     run(["git", "init", "-q"], dest)
     run(["segflow", "sample", "--out", "data", "--count", str(count), "--size", str(size)], dest)
+    shifted = ["--out", "data/shifted", "--domain", "shifted", "--count", "6", "--size", str(size)]
+    run(["segflow", "sample", *shifted], dest)
     run(["dvc", "add", "-q", "data"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "tiny copy"], dest)

@@ -45,7 +45,11 @@ def _report(repo: Path) -> dict:
 def test_first_model_becomes_champion_with_a_slim_labelled_bento(built_repo: Path):
     report = _report(built_repo)
     assert report["decision"]["promote"] and report["champion"] is None
-    assert [c["name"] for c in report["decision"]["checks"]] == ["minimum dice", "minimum iou"]
+    assert sorted(c["name"] for c in report["decision"]["checks"]) == [
+        "minimum ap50",
+        "minimum dice",
+        "minimum iou",
+    ]
     assert _champion(built_repo) == "1"
 
     packaged = report["bento"]
@@ -67,9 +71,9 @@ def test_first_model_becomes_champion_with_a_slim_labelled_bento(built_repo: Pat
 
 def test_worse_model_on_changed_data_is_refused(repo_copy: Path):
     # New data (so the champion must be re-evaluated on the new test split) and a model
-    # that predicts almost nothing (threshold 0.999).
+    # that predicts almost nothing (threshold 0.999, not tuned away on val).
     run(["segflow", "sample", "--out", "data", "--count", "16", "--size", "64", "--seed", "7"], repo_copy)
-    _set_params(repo_copy, evaluate={"threshold": 0.999})
+    _set_params(repo_copy, inference={"threshold": 0.999, "tune": False})
     run(["dvc", "repro"], repo_copy)
 
     report = _report(repo_copy)

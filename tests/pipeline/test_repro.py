@@ -41,7 +41,21 @@ def test_repro_writes_every_output(built_repo: Path):
     assert set(metrics) >= {"test", "val", "baseline"}
     for split in ("test", "val"):
         assert 0.0 <= metrics[split]["dice"] <= 1.0
-    assert metrics["baseline"]["method"] == "otsu" and "dice" in metrics["baseline"]["test"]
+    assert metrics["baseline"]["method"] == "otsu+watershed" and "ap50" in metrics["baseline"]["test"]
+    for scores in (metrics["test"], metrics["val"], metrics["extra_sets"]["shifted"]):  # objects, too
+        assert (
+            0.0 <= scores["ap50"] <= 1.0
+            and 0.0 <= scores["ap"] <= scores["ap50"]
+            and scores["count_error"] >= 0
+        )
+    # Post-processing chosen on val is what export ships to the CLI and the service.
+    post = json.loads((built_repo / "reports/postprocess.json").read_text())
+    prep = json.loads((built_repo / "artifacts/export/preprocessing.json").read_text())
+    assert post["tuned_on"] == "val" and prep["instances"] == "watershed"
+    assert (prep["threshold"], prep["seed_threshold"]) == (post["threshold"], post["seed_threshold"])
+    domains = (built_repo / "reports/plots/domains.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in domains[1:]] == ["test", "shifted"]
+    assert len((built_repo / "reports/plots/ap_by_iou.csv").read_text().splitlines()) == 1 + 10
     assert json.loads((built_repo / "artifacts/export/parity.json").read_text())["max_abs_diff"] <= 1e-4
     assert len(list((built_repo / "reports/overlays").glob("*.png"))) == 2
     curves = (built_repo / "reports/plots/train_curves.csv").read_text().splitlines()
@@ -74,6 +88,18 @@ def test_changing_epochs_reruns_only_the_model_stages(repo_copy: Path):
     assert ran == {"train", "evaluate", "export", "promote"}, log
 
 
+def test_tuning_grids_rerun_evaluation_not_training(built_repo: Path):
+    params = yaml.safe_load((built_repo / "params.yaml").read_text())
+    original = (built_repo / "params.yaml").read_text()
+    params["inference"]["seed_threshold_grid"] = [0.5]
+    (built_repo / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        status = run(["dvc", "status"], built_repo).stdout
+    finally:
+        (built_repo / "params.yaml").write_text(original)
+    assert "evaluate:" in status and "train:" not in status, status
+
+
 def test_stage_runs_are_grouped_per_model_with_lineage_tags(built_repo: Path):
     client = _client(built_repo)
     model_exp = client.get_experiment_by_name("segflow")
@@ -102,10 +128,11 @@ def test_stage_runs_are_grouped_per_model_with_lineage_tags(built_repo: Path):
 
     parent = client.get_run(parent_id)
     assert parent.data.params["train.encoder"] == "resnet18"
-    assert {"test_dice", "val_dice", "train_loss", "baseline_test_dice"} <= set(parent.data.metrics)
+    expected = {"test_dice", "test_ap50", "shifted_ap50", "val_dice", "train_loss", "baseline_test_ap50"}
+    assert expected <= set(parent.data.metrics)
     assert len(client.get_metric_history(parent_id, "val_dice")) == 2  # one point per epoch
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
-    assert {"overlays", "metrics.json"} <= artifacts
+    assert {"overlays", "metrics.json", "postprocess.json", "figures", "plots"} <= artifacts
 
 
 def test_model_is_registered_as_challenger(built_repo: Path):

@@ -122,10 +122,10 @@ def test_semantic_masks_with_mask_values_are_accepted():
 
 
 def test_every_bad_key_is_reported_at_once():
-    message = error_of({"train": {"epoch": 10}, "evaluate": {"threshold": 2}})
+    message = error_of({"train": {"epoch": 10}, "inference": {"threshold": 2}})
 
     assert "train.epoch" in message
-    assert "evaluate.threshold" in message
+    assert "inference.threshold" in message
 
 
 def test_digest_is_stable_for_equal_values():
@@ -211,3 +211,16 @@ def test_split_grouping_options_are_checked(split, words):
     with pytest.raises(ParamsError) as caught:
         parse_params({"split": split})
     assert words in str(caught.value)
+
+
+def test_watershed_needs_instance_ids_and_auto_resolves():
+    semantic = {"ingest": {"mask_kind": "semantic", "mask_values": [0, 255]}}
+    assert parse_params(semantic).instance_method() == "components"
+    assert parse_params({}).instance_method() == "watershed"  # instance masks by default
+    message = error_of(semantic | {"inference": {"instances": "watershed"}})
+    assert "inference.instances: components" in message
+
+
+def test_tiles_must_fit_the_network():
+    assert "multiple of 32" in error_of({"inference": {"tile_size": 500}})
+    assert "twice tile_overlap" in error_of({"inference": {"tile_size": 128, "tile_overlap": 64}})

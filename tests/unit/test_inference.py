@@ -22,6 +22,7 @@ from segflow.inference import (
     sigmoid,
 )
 from segflow.models import build_model
+from segflow.objects import label_instances
 
 TINY_SPEC = {
     "architecture": "Unet",
@@ -400,9 +401,12 @@ def test_training_items_from_16_bit_images_match_their_8_bit_twins(scaling):
     image16 = image8.astype(np.uint16) * 257  # the same intensities on the 16-bit scale
     mask = (image8 > 128).astype(np.uint8)
     prep = preprocessing_from(params)
+    instances = label_instances(mask)
     items = [
-        _AugmentedDataset([Sample("a", img, mask)], build_augmentations(params), prep)[0]
+        _AugmentedDataset([Sample("a", img, mask, instances)], build_augmentations(params), prep, 2)[0]
         for img in (image8, image16)
     ]
     np.testing.assert_allclose(items[0][0], items[1][0], atol=1e-5)
-    np.testing.assert_array_equal(items[0][1], items[1][1])
+    assert set(items[0][1]) == {"semantic", "interior"}  # instance ids teach the watershed's interiors
+    for key in items[0][1]:
+        np.testing.assert_array_equal(items[0][1][key], items[1][1][key])

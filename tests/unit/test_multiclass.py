@@ -67,12 +67,14 @@ def test_multiclass_prediction_thresholds_foreground_then_takes_the_best_class()
     logits[:, 0, 1] = [0, 5, 0]  # class 1
     logits[:, 0, 2] = [0, 1, 5]  # class 2
     logits[:, 0, 3] = [1, 0.9, 0.8]  # P(foreground) ~ 0.59: foreground at 0.5, not at 0.7
-    got = to_prediction(logits, threshold=0.5)
+    prep = Preprocessing(1, 0.5, 0.25, 32, threshold=0.5, classes=["background", "a", "b"])
+    got = to_prediction(logits, prep)
     np.testing.assert_array_equal(got.mask, [[0, 1, 2, 1]])
     assert got.logits.shape == (3, 1, 4)
     expected_fg = 1 - np.exp(logits[0]) / np.exp(logits).sum(axis=0)
     np.testing.assert_allclose(got.probability, expected_fg, atol=1e-6)
-    np.testing.assert_array_equal(to_prediction(logits, threshold=0.7).mask, [[0, 1, 2, 0]])
+    stricter = Preprocessing(1, 0.5, 0.25, 32, threshold=0.7, classes=["background", "a", "b"])
+    np.testing.assert_array_equal(to_prediction(logits, stricter).mask, [[0, 1, 2, 0]])
     assert got.instances.max() == 3  # the class-1 pixels at columns 1 and 3 are separate objects
 
 

@@ -42,13 +42,20 @@ def main() -> None:
 
     with replace_dir(MODEL) as out, tracking.model_stage_run("train", tags, out, new_model=True) as runs:
         parent_id, _ = runs
-        best = _fit_and_log(params, train, val, out, parent_id)
+        summary = _fit_and_log(params, train, val, out, parent_id)
     discard(RESUME)  # the model is in place: nothing left to resume
-    print(f"train: best val Dice {best['val_dice']:.4f} at epoch {best['epoch']}")
+    print(
+        f"train: best val Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
+        f"({summary['epochs_run']} epochs, {summary['train_seconds'] / 60:.1f} min)"
+    )
 
 
 def _fit_and_log(params, train, val, out, parent_id: str) -> dict:
-    """Train into `out`, logging params and per-epoch curves on the child and parent runs."""
+    """Train into `out`, logging params and per-epoch curves on the child and parent runs.
+
+    Returns:
+        The training summary (best epoch and val Dice, epochs run, seconds).
+    """
     import mlflow
 
     logged = tracking.flatten("", params.model_dump(mode="json", exclude={"ingest", "convert"}))
@@ -70,12 +77,13 @@ def _fit_and_log(params, train, val, out, parent_id: str) -> dict:
         "best_val_dice": best["val_dice"],
         "epochs_run": len(history),
         "stopped_early": len(history) < params.train.epochs,
+        "train_seconds": round(sum(r["seconds"] for r in history), 1),  # epochs and validation
         "data_hash": data_hash(SPLIT),
     }
     write_json(out / "summary.json", summary)
     _write_curves(history)
     mlflow.log_artifact(str(CURVES), "plots")
-    return best
+    return summary
 
 
 def _write_curves(history: list[dict]) -> None:

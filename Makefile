@@ -60,8 +60,9 @@ mlflow: setup ## open the MLflow UI on the project's store (http://127.0.0.1:500
 serve: setup ## serve the champion with BentoML on http://127.0.0.1:3000
 	$(BIN)/bentoml serve service:svc
 
-docs-images: ## copy the README's pictures from the last `dvc repro` (first test overlay, training curves)
-	cp "$$(ls reports/overlays/*.png | head -n 1)" docs/overlay.png
+OVERLAY ?= $(firstword $(wildcard reports/overlays/*.png))
+docs-images: ## copy the README's pictures from the last `dvc repro` (OVERLAY=reports/overlays/<id>.png)
+	cp $(OVERLAY) docs/overlay.png
 	cp reports/figures/training_curves.png docs/training_curves.png
 
 clean: ## remove pipeline outputs in the workspace (the DVC cache keeps them: `dvc checkout` restores)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from segflow.artifacts import write_json
 from segflow.evaluation import SplitScores
-from segflow.figures import line_chart
+from segflow.figures import line_chart, training_chart
 from segflow.inference import POSTPROCESS_FIELDS, Preprocessing
 from segflow.metrics import IOU_THRESHOLDS
 
@@ -74,9 +74,7 @@ class EvaluationReport:
             line_chart(reports / "figures" / "ap_by_iou.png", list(IOU_THRESHOLDS), curves,
                        "IoU threshold", "mask AP", "AP against IoU threshold")  # fmt: skip
         if self.history:
-            epochs = [record["epoch"] for record in self.history]
-            series = {k: [r[k] for r in self.history] for k in ("train_loss", "val_loss", "val_dice")}
-            line_chart(reports / "figures" / "training_curves.png", epochs, series, "epoch", "", "Training")
+            training_chart(reports / "figures" / "training_curves.png", self.history)
 
     def _domain_rows(self) -> list[dict]:
         rows = []

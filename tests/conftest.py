@@ -24,6 +24,8 @@ TINY_PARAMS = {
     "ingest": {"min_images": 10},
     "train": {"epochs": 2, "batch_size": 4, "crop_size": 64, "decoder_channels": [16, 16, 16, 16, 16]},
     "evaluate": {"overlays": 2},
+    # Tuning itself is unit-tested; a small grid keeps every tiny repro quick.
+    "inference": {"threshold_grid": [0.4, 0.5], "seed_threshold_grid": [0.5, 0.8], "min_area_grid": [0, 16]},
     # Two epochs on 16 tiny images: the gate's bars must be reachable for a first champion.
     "promote": {"minimums": {"dice": 0.05, "iou": 0.02, "ap50": 0.0}, "max_regression": {"ap50": 1.0}},
 }

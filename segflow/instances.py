@@ -16,8 +16,6 @@ from scipy import ndimage as ndi
 from segflow.masks import relabel_sequential
 from segflow.objects import outline_pixels
 
-MAX_OBJECTS = np.iinfo(np.uint16).max
-
 
 def interior_target(instances: np.ndarray, margin: int) -> np.ndarray:
     """(H, W) instance ids -> (H, W) uint8, 1 on each object's interior.
@@ -47,23 +45,36 @@ def watershed_instances(foreground: np.ndarray, interior: np.ndarray, seed_thres
         seed_threshold: interior probability above which a pixel seeds an object.
 
     Returns:
-        (H, W) uint16 instance ids, 0 = background. Foreground blobs without any seed
-        become one object each, so nothing predicted is lost.
+        (H, W) uint16 instance ids, 0 = background. A foreground blob with one seed, or
+        none, is one object; only blobs holding several seeds are split by the watershed.
     """
+    n_blobs, blobs = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=4)  # (H, W) int32
+    seeds_mask = (interior > seed_threshold) & foreground
+    n_seeds, seeds = cv2.connectedComponents(seeds_mask.astype(np.uint8), connectivity=4)
+    # Which blob each seed lies in; a blob with one seed or none needs no watershed (most
+    # cells in most images), which keeps per-request post-processing cheap.
+    blob_of_seed = np.zeros(n_seeds, np.int64)
+    blob_of_seed[seeds[seeds_mask]] = blobs[seeds_mask]  # a seed lies inside one blob
+    seeds_per_blob = np.bincount(blob_of_seed[1:], minlength=n_blobs)
+    crowded = seeds_per_blob[blobs] > 1  # (H, W) bool: pixels of blobs holding several seeds
+    labels = np.where(crowded, 0, blobs).astype(np.int64)
+    if crowded.any():
+        split = _flood(seeds, interior, crowded)  # ids 1..k
+        labels = np.where(crowded, split + n_blobs, labels)
+    return compact_ids(labels)
+
+
+def _flood(seeds: np.ndarray, interior: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Watershed from `seeds` downhill in interior probability, inside `region` only (its box)."""
     from skimage.segmentation import watershed
 
-    seeds_mask = (interior > seed_threshold) & foreground
-    count, seeds = cv2.connectedComponents(seeds_mask.astype(np.uint8), connectivity=4)
-    # Flood from the seeds downhill in interior probability, inside the foreground only.
-    relief = (1.0 - interior).astype(np.float32)
-    labels = watershed(relief, markers=seeds, mask=foreground) if count > 1 else np.zeros_like(seeds)
-    unseeded = foreground & (labels == 0)
-    if unseeded.any():
-        _, blobs = cv2.connectedComponents(unseeded.astype(np.uint8), connectivity=4)
-        labels[blobs > 0] = blobs[blobs > 0] + labels.max()
-    if labels.max() > MAX_OBJECTS:
-        raise ValueError(f"more than {MAX_OBJECTS} objects in one image")
-    return labels.astype(np.uint16)
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    inside = region[box]
+    relief = (1.0 - interior[box]).astype(np.float32)
+    out = np.zeros(region.shape, np.int64)
+    out[box] = watershed(relief, markers=np.where(inside, seeds[box], 0), mask=inside)
+    return out
 
 
 def split_by_class(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -85,9 +96,20 @@ def drop_small(instances: np.ndarray, min_area: int) -> np.ndarray:
     """Remove objects smaller than `min_area` pixels and renumber the rest 1..n."""
     if min_area <= 0 or not instances.any():
         return instances
-    areas = np.bincount(instances.ravel())
+    return compact_ids(instances, min_area)
+
+
+def compact_ids(labels: np.ndarray, min_area: int = 1) -> np.ndarray:
+    """Non-negative integer labels -> (H, W) uint16 ids 1..n in label order, 0 = background.
+
+    Labels covering fewer than `min_area` pixels become background. For labels up to about
+    the pixel count (a lookup table that large); relabel_sequential handles any id.
+    """
+    areas = np.bincount(labels.ravel())
     keep = areas >= min_area
     keep[0] = False
+    if keep.sum() > np.iinfo(np.uint16).max:
+        raise ValueError(f"{keep.sum()} objects in one image; at most 65535 are supported")
     new_ids = np.zeros(len(areas), np.uint16)
     new_ids[keep] = np.arange(1, keep.sum() + 1)
-    return new_ids[instances]
+    return new_ids[labels]

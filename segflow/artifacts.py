@@ -6,6 +6,7 @@ Paths are relative to the repository root, which is DVC's working directory for 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import shutil
 import sys
@@ -36,6 +37,17 @@ def write_json(path: str | Path, data: object) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """One row per dict; the columns are the union of their keys, in first-seen order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_json(path: str | Path) -> dict:

@@ -115,3 +115,15 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
+def run_summary(history: list[dict], planned_epochs: int) -> dict:
+    """What a finished training run amounts to (artifacts/model/summary.json, without data_hash)."""
+    best = best_epoch(history)  # the epoch whose weights model.pt holds
+    return {
+        "best_epoch": best["epoch"],
+        "best_val_dice": best["val_dice"],
+        "epochs_run": len(history),
+        "stopped_early": len(history) < planned_epochs,
+        "train_seconds": round(sum(r["seconds"] for r in history), 1),  # epochs and validation
+    }

@@ -12,11 +12,10 @@ Files (under reports/):
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segflow.artifacts import write_json
+from segflow.artifacts import write_csv, write_json
 from segflow.evaluation import SplitScores
 from segflow.figures import line_chart, training_chart
 from segflow.inference import POSTPROCESS_FIELDS, Preprocessing
@@ -64,13 +63,13 @@ class EvaluationReport:
         write_json(reports / "postprocess.json", self.postprocess())
         plots = reports / "plots"
         rows = [row for scores in self.scores.values() for row in scores.rows]
-        _write_csv(plots / "per_image.csv", rows)
-        _write_csv(plots / "domains.csv", self._domain_rows())
+        write_csv(plots / "per_image.csv", rows)
+        write_csv(plots / "domains.csv", self._domain_rows())
         curves = self._ap_curves()
         if curves:
             table = [{"iou_threshold": t} | {k: round(v[i], 6) for k, v in curves.items()}
                      for i, t in enumerate(IOU_THRESHOLDS)]  # fmt: skip
-            _write_csv(plots / "ap_by_iou.csv", table)
+            write_csv(plots / "ap_by_iou.csv", table)
             line_chart(reports / "figures" / "ap_by_iou.png", list(IOU_THRESHOLDS), curves,
                        "IoU threshold", "mask AP", "AP against IoU threshold")  # fmt: skip
         if self.history:
@@ -132,12 +131,3 @@ class EvaluationReport:
             count = f"{summary['count_error']:9.1%}" if "count_error" in summary else f"{'-':>9}"
             lines.append(f"  {name:<12} {summary['images']:>6} {' '.join(cells)} {count}")
         return "\n".join(lines)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(key for row in rows for key in row))  # union, first-seen order
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)

@@ -6,7 +6,6 @@ next `dvc repro` continues from the last completed epoch if params, data and cod
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from segflow import tracking
@@ -19,10 +18,11 @@ from segflow.artifacts import (
     read_manifest,
     replace_dir,
     run_stage,
+    write_csv,
     write_json,
 )
 from segflow.config import load_params
-from segflow.epochs import best_epoch
+from segflow.epochs import run_summary
 from segflow.resume import discard
 from segflow.runtime import set_threads
 from segflow.training import load_samples, train_model
@@ -70,30 +70,15 @@ def _fit_and_log(params, train, val, out, parent_id: str) -> dict:
             client.log_metric(parent_id, key, value, step=record["epoch"])
 
     history = train_model(params, train, val, out / "model.pt", on_epoch=log_epoch, resume_path=RESUME)
-    best = best_epoch(history)  # the epoch whose weights model.pt holds
     write_json(out / "history.json", history)
-    summary = {
-        "best_epoch": best["epoch"],
-        "best_val_dice": best["val_dice"],
-        "epochs_run": len(history),
-        "stopped_early": len(history) < params.train.epochs,
-        "train_seconds": round(sum(r["seconds"] for r in history), 1),  # epochs and validation
-        "data_hash": data_hash(SPLIT),
-    }
+    summary = run_summary(history, params.train.epochs) | {"data_hash": data_hash(SPLIT)}
     write_json(out / "summary.json", summary)
-    _write_curves(history)
+    columns = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
+    write_csv(
+        CURVES, [{k: round(r[k], 6) if isinstance(r[k], float) else r[k] for k in columns} for r in history]
+    )
     mlflow.log_artifact(str(CURVES), "plots")
     return summary
-
-
-def _write_curves(history: list[dict]) -> None:
-    CURVES.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["epoch", "train_loss", "val_loss", "val_dice", "lr"]
-    with CURVES.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for record in history:
-            writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()})
 
 
 if __name__ == "__main__":

@@ -46,9 +46,10 @@ test: setup ## run the whole test suite (what CI runs)
 test-fast: setup ## run the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: setup ## ruff lint and format check
+lint: setup ## ruff lint and format check; import-linter: what ships imports nothing that trains
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: setup ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .

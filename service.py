@@ -1,6 +1,6 @@
 """The segmentation service: `bentoml serve service:svc`.
 
-Serves the champion through segflow.inference on ONNX Runtime, the path evaluation
+Serves the champion through segflow.core.inference on ONNX Runtime, the path evaluation
 measured. Inside a built Bento the model is the one pinned at build time (build argument
 `model_tag`); from the repository it is the newest imported, which the promotion step
 keeps equal to the registry's `champion`. `SEGFLOW_MODEL_TAG` picks another.
@@ -22,6 +22,7 @@ Every refusal is a 4xx JSON {"error": ..., "status": ..., "request_id": ...}.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -36,21 +37,22 @@ with bentoml.importing():
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    from segflow.batching import MicroBatcher
-    from segflow.config import load_params
-    from segflow.gatekeeper import Gatekeeper, error_response
-    from segflow.inference import Segmenter
-    from segflow.monitoring import RequestLog, intensity_mean, load_reference
-    from segflow.results import answer, mask_png, model_info, overlay_png
-    from segflow.uploads import UploadError, UploadLimits, decode_upload
+    from segflow.core.inference import Segmenter
+    from segflow.serve.answers import answer, mask_png, model_info, overlay_png
+    from segflow.serve.batching import MicroBatcher
+    from segflow.serve.gatekeeper import Gatekeeper, error_response
+    from segflow.serve.monitoring import RequestLog, intensity_mean, load_reference
+    from segflow.serve.settings import load_serve_params
+    from segflow.serve.uploads import UploadError, UploadLimits, decode_upload
 
 HERE = Path(__file__).resolve().parent
-STATIC = HERE / "segflow" / "static"
+STATIC = HERE / "segflow" / "serve" / "static"
 MODEL_TAG = getattr(bentoml.use_arguments(), "model_tag", None) or os.environ.get(
     "SEGFLOW_MODEL_TAG", "segflow-segmenter:latest"
 )
 MODEL_TIMEOUT_S = 55.0  # below the 60 s request timeout
 PNG = Annotated[bytes, ContentType("image/png")]
+log = logging.getLogger("segflow.service")
 
 objects_per_image = bentoml.metrics.Histogram(
     name="segflow_objects_per_image",
@@ -110,10 +112,10 @@ class SegflowService:
     def __init__(self) -> None:
         import cv2
 
+        logging.getLogger("segflow").setLevel(logging.INFO)  # BentoML's handlers show WARNING and up only
         cv2.setNumThreads(1)  # post-processing stays on the request's thread: the cores are ONNX Runtime's
         params_file = os.environ.get("SEGFLOW_PARAMS") or HERE / "params.yaml"
-        params = load_params(params_file)
-        self.config = params.serve
+        self.config = load_serve_params(params_file)
         self.limits = UploadLimits.from_params(self.config)
         folder = Path(self.model.path)
         self.segmenter = Segmenter.from_onnx(
@@ -129,12 +131,11 @@ class SegflowService:
         self.log = RequestLog(_request_log_path(self.config.request_log))
         self.token = os.environ.get("SEGFLOW_API_TOKEN") or None
         if self.token is None:
-            print(
-                "WARNING segflow: SEGFLOW_API_TOKEN is not set; every endpoint is open to anyone "
-                "who can reach this port. Set it to require 'Authorization: Bearer <token>'.",
-                flush=True,
+            log.warning(
+                "SEGFLOW_API_TOKEN is not set; every endpoint is open to anyone who can reach "
+                "this port. Set it to require 'Authorization: Bearer <token>'."
             )
-        print(f"segflow: serving {self.model_info['tag']} (registry version {self.model_info['version']})")
+        log.info("serving %s (registry version %s)", self.model_info["tag"], self.model_info["version"])
 
     # -- the model path shared by every endpoint ------------------------------------------
 

@@ -6,7 +6,7 @@
 Each MODEL_DIR holds model.onnx and preprocessing.json (artifacts/export, or a registered
 version's folder under mlartifacts/). The val and test images of artifacts/split are
 multiplied by each gain (clipped to the dtype's range, as a camera would) and segmented
-through segflow.inference; the table gives foreground Dice per model and gain. Run from the
+through segflow.core.inference; the table gives foreground Dice per model and gain. Run from the
 repository root after `dvc repro`.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segflow.images import read_image
-from segflow.inference import Segmenter
-from segflow.metrics import confusion, summarize
+from segflow.core.images import read_image
+from segflow.core.inference import Segmenter
+from segflow.evaluate.metrics import confusion, summarize
 
 CONVERTED, SPLIT = Path("artifacts/converted"), Path("artifacts/split")
 

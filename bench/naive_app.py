@@ -17,7 +17,7 @@ from fastapi import FastAPI, File, UploadFile
 from fastapi.responses import Response
 from PIL import Image
 
-from segflow.training import load_checkpoint
+from segflow.train.checkpoints import load_checkpoint
 
 torch.set_num_threads(int(os.environ.get("NAIVE_THREADS", "2")))
 model, prep = load_checkpoint(os.environ.get("SEGFLOW_CHECKPOINT", "artifacts/model/model.pt"))

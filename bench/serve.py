@@ -31,8 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segflow.images import read_image  # noqa: E402
-from segflow.inference import Segmenter, normalize, pad_to_multiple  # noqa: E402
+from segflow.core.images import read_image  # noqa: E402
+from segflow.core.inference import Segmenter, normalize  # noqa: E402
+from segflow.core.tiling import pad_to_multiple  # noqa: E402
 
 
 def champion_dir() -> Path:

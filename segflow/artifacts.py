@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from segflow.runtime import offline_env
+from segflow.errors import UserError
+from segflow.runtime import configure_logging, offline_env
 
 INGESTED = Path("artifacts/ingested")
 CONVERTED = Path("artifacts/converted")
@@ -29,7 +30,7 @@ OVERLAYS = REPORTS / "overlays"
 SUMMARY = "summary.json"
 
 
-class StageError(ValueError):
+class StageError(UserError):
     """A problem the user can fix; stages print it without a traceback and exit 1."""
 
 
@@ -97,23 +98,11 @@ def run_stage(main: Callable[[], None]) -> None:
 
     Unexpected exceptions keep their traceback: those are bugs to report, not input to fix.
     """
-    from pydantic import ValidationError
-
-    from segflow.config import ParamsError
-    from segflow.datasets.folder import SourceFileError
-    from segflow.images import ImageReadError
-
     offline_env()
+    configure_logging()
     try:
         main()
-    except (
-        StageError,
-        ParamsError,
-        ImageReadError,
-        SourceFileError,  # a COCO, CVAT or .npz file, or a folder layout, that cannot be read
-        FileNotFoundError,
-        ValidationError,
-    ) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

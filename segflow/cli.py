@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from segflow.runtime import offline_env
+from segflow.errors import UserError
+from segflow.runtime import configure_logging, offline_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     offline_env()
+    configure_logging()
     try:
         return args.run(args) or 0
-    except (FileNotFoundError, ValueError) as exc:  # includes ParamsError, StageError
+    except (UserError, FileNotFoundError) as exc:  # bugs keep their traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -63,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
 def _sample(args) -> int:
     from dataclasses import replace
 
-    from segflow.datasets.sample import SampleSpec, generate_sample
+    from segflow.data.sample import SampleSpec, generate_sample
 
     overrides = {
         k: getattr(args, k) for k in ("count", "size", "seed", "domain") if getattr(args, k) is not None
     }
     spec = replace(SampleSpec(), **overrides)
     if spec.count < 1 or spec.size < 32:
-        raise ValueError("--count must be at least 1 and --size at least 32")
+        raise UserError("--count must be at least 1 and --size at least 32")
     written = generate_sample(args.out, spec)
     print(
         f"wrote {len(written)} {spec.domain}-domain images of {spec.size}x{spec.size} "
@@ -81,7 +83,7 @@ def _sample(args) -> int:
 
 def _promote(args) -> int:
     from segflow.config import load_params
-    from segflow.release import describe, promote
+    from segflow.release.promote import describe, promote
 
     report = promote(load_params())
     print(describe(report))
@@ -90,7 +92,7 @@ def _promote(args) -> int:
 
 def _rollback(args) -> int:
     from segflow.config import load_params
-    from segflow.release import rollback
+    from segflow.release.promote import rollback
 
     result = rollback(load_params())
     print(f"champion: version {result['demoted']} -> version {result['champion']}")
@@ -102,8 +104,8 @@ def _predict(args) -> int:
     import os
 
     from segflow.config import load_params
-    from segflow.results import answer, mask_png, overlay_png
-    from segflow.uploads import UploadError, UploadLimits, decode_upload
+    from segflow.serve.answers import answer, mask_png, overlay_png
+    from segflow.serve.uploads import UploadError, UploadLimits, decode_upload
 
     segmenter, model = _open_model(
         args.model or os.environ.get("SEGFLOW_MODEL_TAG", "segflow-segmenter:latest")
@@ -133,18 +135,16 @@ def _predict(args) -> int:
 
 def _open_model(ref: str):
     """(Segmenter, model info) for a model folder or a BentoML model tag."""
-    from segflow.inference import Segmenter
-    from segflow.results import model_info
+    from segflow.core.inference import Segmenter
+    from segflow.serve.answers import model_info
 
     folder = Path(ref)
     if folder.is_dir():
         if not (folder / "model.onnx").is_file():
             raise FileNotFoundError(f"{folder}: no model.onnx; pass an export folder (artifacts/export)")
-        registration = folder / "registration.json"
-        reg = json.loads(registration.read_text()) if registration.is_file() else {}
-        info = model_info({"registry_name": reg.get("name"), "registry_version": reg.get("version")}, None)
+        info = model_info({}, None)  # an export folder is not a registry version
     else:
-        from segflow.bento import load_bentoml
+        from segflow.release.bento import load_bentoml
 
         bentoml = load_bentoml()
         try:
@@ -160,7 +160,7 @@ def _open_model(ref: str):
 
 
 def _image_files(paths: list[Path]) -> list[Path]:
-    from segflow.images import IMAGE_SUFFIXES
+    from segflow.core.images import IMAGE_SUFFIXES
 
     suffixes = (*IMAGE_SUFFIXES, ".npy")
     files = []

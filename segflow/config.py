@@ -15,12 +15,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from segflow.errors import UserError
 from segflow.paths import repo_root
+from segflow.serve.settings import ServeParams
 
 PARAMS_FILE = "params.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError):
     """params.yaml is missing, unreadable or invalid; the message names every bad key."""
 
 
@@ -225,7 +227,7 @@ class TrainParams(_Section):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, name: str) -> str:
-        from segflow.models import architecture_names
+        from segflow.train.models import architecture_names
 
         choices = architecture_names()
         if name not in choices:
@@ -235,7 +237,7 @@ class TrainParams(_Section):
     @field_validator("encoder")
     @classmethod
     def _known_encoder(cls, name: str) -> str:
-        from segflow.models import encoder_names
+        from segflow.train.models import encoder_names
 
         choices = encoder_names()
         if name not in choices:
@@ -348,27 +350,6 @@ class PromoteParams(_Section):
         if negative:
             raise ValueError(f"{negative} must not be negative")
         return values
-
-
-UPLOAD_FORMATS = ("png", "jpeg", "tiff", "npy")
-UPLOAD_DTYPES = ("uint8", "uint16", "float32", "float64")
-
-
-class ServeParams(_Section):
-    """The service's limits and bookkeeping (read by service.py; travels in the Bento)."""
-
-    max_upload_bytes: int = Field(32 * 2**20, ge=1024)
-    # The network sees tiles of inference.tile_size, so its memory is bounded anyway; this
-    # bounds what decoding, probabilities and post-processing hold for one image.
-    max_pixels: int = Field(2048 * 2048, ge=32 * 32)
-    max_batch_images: int = Field(16, ge=1)
-    formats: list[Literal["png", "jpeg", "tiff", "npy"]] = list(UPLOAD_FORMATS)
-    dtypes: list[Literal["uint8", "uint16", "float32", "float64"]] = list(UPLOAD_DTYPES)
-    model_batch_size: int = Field(4, ge=1)
-    threads: int = Field(0, ge=0)
-    request_log: str = "logs/requests.db"
-    stats_window: int = Field(1000, ge=1)
-    drift_min_images: int = Field(30, ge=2)
 
 
 class Params(_Section):

@@ -1,12 +1,14 @@
 """Process-level defaults: offline, quiet, reproducible.
 
 Called at the start of every stage and CLI command (never at import), before the
-libraries that read these variables are imported.
+libraries that read these variables are imported; logging is set up here too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 # Libraries that phone home or check for updates unless told not to. This project runs
 # offline by default, so they are told not to; a user's own setting wins.
@@ -33,3 +35,19 @@ def set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def configure_logging() -> None:
+    """Show segflow's own log records on stdout, plainly, as stage and CLI output.
+
+    Library code logs through named `segflow.*` loggers and never configures logging itself;
+    stages and the CLI call this first. SEGFLOW_LOG_LEVEL (default INFO) sets the level;
+    DEBUG adds what is only useful when reporting a bug.
+    """
+    logger = logging.getLogger("segflow")
+    logger.setLevel(os.environ.get("SEGFLOW_LOG_LEVEL", "INFO").upper())
+    if not any(getattr(h, "_segflow", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._segflow = True  # one handler, however often this runs
+        logger.addHandler(handler)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from segflow import tracking
 from segflow.artifacts import (
     CONVERTED,
     INGESTED,
@@ -20,7 +19,8 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
-from segflow.datasets.canonical import absent_classes, class_values_by_id, convert_one
+from segflow.data.canonical import absent_classes, class_values_by_id, convert_one
+from segflow.release import tracking
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ domain) and overlay pictures of test predictions.
 
 from __future__ import annotations
 
-from segflow import tracking
 from segflow.artifacts import (
     CONVERTED,
     MODEL,
@@ -21,19 +20,26 @@ from segflow.artifacts import (
     run_stage,
 )
 from segflow.config import load_params
-from segflow.datasets.extra import check_tracked, load_extra_set
-from segflow.evaluation import classical_baseline, score_predictions, tune_postprocessing, write_overlays
-from segflow.inference import Segmenter, to_prediction
-from segflow.reports import EvaluationReport
+from segflow.core.inference import to_prediction
+from segflow.data.extra import check_tracked, load_extra_set
+from segflow.data.samples import load_samples
+from segflow.evaluate.reports import EvaluationReport
+from segflow.evaluate.scoring import (
+    classical_baseline,
+    score_predictions,
+    tune_postprocessing,
+    write_overlays,
+)
+from segflow.release import tracking
 from segflow.runtime import set_threads
-from segflow.training import load_samples
+from segflow.train.checkpoints import checkpoint_segmenter
 
 
 def main() -> None:
     params = load_params()
     cfg = params.inference
     set_threads(params.train.threads)
-    segmenter = Segmenter.from_checkpoint(MODEL / "model.pt")
+    segmenter = checkpoint_segmenter(MODEL / "model.pt")
     classes = list(segmenter.prep.classes)
     sets = {name: load_samples(read_manifest(SPLIT / f"{name}.csv"), CONVERTED) for name in ("val", "test")}
     check_tracked(params.evaluate.extra_sets)

@@ -1,12 +1,11 @@
 """export: ONNX + preprocessing.json, a parity check against torch, then registration.
 
-The parity check runs both backends through segflow.inference on the test images; a
+The parity check runs both backends through segflow.core.inference on the test images; a
 difference above export.parity_atol fails the stage before anything is registered.
 """
 
 from __future__ import annotations
 
-from segflow import tracking
 from segflow.artifacts import (
     CONVERTED,
     EXPORT,
@@ -22,11 +21,13 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
-from segflow.export import ParityError, check_parity, export_onnx
-from segflow.inference import Segmenter, normalize
-from segflow.monitoring import REFERENCE_FILE, profile_model
+from segflow.core.inference import Segmenter, normalize
+from segflow.data.samples import load_samples
+from segflow.release import tracking
+from segflow.release.export import ParityError, check_parity, export_onnx
 from segflow.runtime import set_threads
-from segflow.training import load_checkpoint, load_samples
+from segflow.serve.monitoring import REFERENCE_FILE, profile_model
+from segflow.train.checkpoints import load_checkpoint, torch_segmenter
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
         prep.save(out / "preprocessing.json")
         try:
             parity = check_parity(
-                Segmenter.from_torch(model, prep),
+                torch_segmenter(model, prep),
                 Segmenter.from_onnx(out / "model.onnx", prep),
                 [s.image for s in test],
                 cfg.parity_atol,
@@ -69,6 +70,7 @@ def main() -> None:
         version_tags = {
             **tags,
             "segflow.stage": "export",
+            tracking.ONNX_KEY_TAG: tracking.file_sha256(out / "model.onnx"),
             "segflow.test_hash": read_json(SPLIT / "summary.json")["test_hash"],
         }
         version_tags |= {f"test_{k}": v for k, v in metrics["test"].items()}
@@ -81,7 +83,6 @@ def main() -> None:
             version_tags,
             extra_files=(out / REFERENCE_FILE,),
         )
-        write_json(out / "registration.json", registration)
     print(f"export: registered {registration['name']} version {registration['version']} as 'challenger'")
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segflow import tracking
 from segflow.artifacts import INGESTED, REPORTS, SUMMARY, StageError, replace_dir, run_stage, write_json
 from segflow.config import load_params
-from segflow.datasets.folder import SourceFileError
-from segflow.datasets.sources import read_source
+from segflow.data.folder import SourceFileError
+from segflow.data.sources import read_source
+from segflow.release import tracking
 
 FAILED_REPORT = Path("artifacts/ingest.failed.json")
 REPORT = REPORTS / "validation.json"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from segflow.artifacts import run_stage
 from segflow.config import load_params
-from segflow.release import describe, promote
+from segflow.release.promote import describe, promote
 
 
 def main() -> None:

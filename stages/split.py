@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from segflow import tracking
 from segflow.artifacts import (
     CONVERTED,
     SPLIT,
@@ -15,8 +14,9 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
+from segflow.data.splits import SPLITS, assign_from_file, assign_splits, check_leakage, group_keys, split_hash
 from segflow.paths import repo_root
-from segflow.splits import SPLITS, assign_from_file, assign_splits, check_leakage, group_keys, split_hash
+from segflow.release import tracking
 
 
 def main() -> None:

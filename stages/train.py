@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segflow import tracking
 from segflow.artifacts import (
     CONVERTED,
     MODEL,
@@ -22,10 +21,12 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
-from segflow.epochs import run_summary
-from segflow.resume import discard
+from segflow.data.samples import load_samples
+from segflow.release import tracking
 from segflow.runtime import set_threads
-from segflow.training import load_samples, train_model
+from segflow.train.epochs import run_summary
+from segflow.train.loop import train_model
+from segflow.train.resume import discard
 
 CURVES = PLOTS / "train_curves.csv"
 # Outside artifacts/model: replace_dir rebuilds that folder from empty on every run.
@@ -70,9 +71,12 @@ def _fit_and_log(params, train, val, out, parent_id: str) -> dict:
             client.log_metric(parent_id, key, value, step=record["epoch"])
 
     history = train_model(params, train, val, out / "model.pt", on_epoch=log_epoch, resume_path=RESUME)
-    write_json(out / "history.json", history)
+    tracking.tag_model_run(parent_id, out)
     summary = run_summary(history, params.train.epochs) | {"data_hash": data_hash(SPLIT)}
-    write_json(out / "summary.json", summary)
+    mlflow.log_metric("train_seconds", summary["train_seconds"])
+    # What DVC tracks holds no timings: the same data, params and code give the same files.
+    write_json(out / "history.json", [{k: v for k, v in r.items() if k != "seconds"} for r in history])
+    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "train_seconds"})
     columns = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
     write_csv(
         CURVES, [{k: round(r[k], 6) if isinstance(r[k], float) else r[k] for k in columns} for r in history]

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segflow.datasets.coco import rasterize, read_coco
-from segflow.images import read_image
+from segflow.core.images import read_image
+from segflow.data.coco import rasterize, read_coco
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "usiigaci-dev"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is absent (see ../shared/data/README.md)")

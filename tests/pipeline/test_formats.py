@@ -47,7 +47,7 @@ def _params(repo: Path, **sections) -> None:
 
 def _samples(repo: Path):
     """(stem, (H, W) uint8 image, (H, W) uint16 instance ids) of the sample data."""
-    from segflow.images import read_image
+    from segflow.core.images import read_image
 
     for path in sorted((repo / "data/images").glob("*.png")):
         yield path.stem, read_image(path), read_image(repo / "data/masks" / path.name)
@@ -55,7 +55,7 @@ def _samples(repo: Path):
 
 def _write_cvat_export(repo: Path) -> dict[str, np.ndarray]:
     """data_cvat/{labelmap.txt, JPEGImages, SegmentationClass}; returns the painted class ids."""
-    from segflow.images import write_png
+    from segflow.core.images import write_png
 
     root = repo / "data_cvat"
     lines = ["# label:color_rgb:parts:actions"] + [
@@ -83,7 +83,7 @@ def _use_cvat(repo: Path, **ingest) -> None:
 
 
 def test_cvat_export_converts_to_the_painted_class_ids(repo: Path):
-    from segflow.images import read_image
+    from segflow.core.images import read_image
 
     painted = _write_cvat_export(repo)
     _use_cvat(repo)
@@ -100,7 +100,7 @@ def test_cvat_export_converts_to_the_painted_class_ids(repo: Path):
 
 
 def test_cvat_unknown_colour_fails_or_is_skipped_and_listed(repo: Path):
-    from segflow.images import write_png
+    from segflow.core.images import write_png
 
     painted = _write_cvat_export(repo)
     victim = sorted(painted)[4]
@@ -126,7 +126,7 @@ def test_cvat_unknown_colour_fails_or_is_skipped_and_listed(repo: Path):
 
 
 def test_npz_stack_converts_with_its_names_and_ids(repo: Path):
-    from segflow.images import read_image
+    from segflow.core.images import read_image
 
     stems, images, masks = zip(*_samples(repo), strict=True)
     masks = np.stack(masks).astype(np.int32)  # (N, H, W) int32 instance ids

@@ -19,7 +19,7 @@ CLASSES = ["background", "dim", "bright"]
 
 
 def _paint_classes_by_brightness(repo: Path) -> None:
-    from segflow.images import read_image, write_png
+    from segflow.core.images import read_image, write_png
 
     for mask_path in sorted((repo / "data/masks").glob("*.png")):
         instances = read_image(mask_path)
@@ -55,7 +55,7 @@ def test_three_classes_train_evaluate_and_export(repo_copy: Path):
     assert prep["classes"] == CLASSES
     converted = set()
     for path in (repo_copy / "artifacts/converted/masks").glob("*.png"):
-        from segflow.images import read_image
+        from segflow.core.images import read_image
 
         converted |= set(np.unique(read_image(path)).tolist())
     assert converted == {0, 1, 2}
@@ -77,7 +77,7 @@ def test_a_class_no_mask_contains_fails_convert_naming_it(repo_copy: Path):
     params["ingest"].update(mask_kind="semantic", mask_values=[0, 1, 2])
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
     for mask_path in (repo_copy / "data/masks").glob("*.png"):  # instance ids -> one class only
-        from segflow.images import read_image, write_png
+        from segflow.core.images import read_image, write_png
 
         write_png(mask_path, (read_image(mask_path) > 0).astype(np.uint8))
     failed = run(["dvc", "repro", "convert"], repo_copy, check=False)
@@ -89,7 +89,7 @@ def test_coco_categories_become_class_ids_by_name(repo_copy: Path):
     """Two COCO categories (by brightness) convert to the same class ids as painted masks."""
     from pycocotools import mask as coco_mask
 
-    from segflow.images import read_image
+    from segflow.core.images import read_image
 
     instance_masks = {p.name: read_image(p) for p in sorted((repo_copy / "data/masks").glob("*.png"))}
     _paint_classes_by_brightness(repo_copy)  # the expected class ids, from the same rule

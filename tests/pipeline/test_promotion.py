@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from segflow.bento import FORBIDDEN_REQUIREMENTS
+from segflow.release.bento import FORBIDDEN_REQUIREMENTS
 from tests.conftest import BIN, run
 
 pytestmark = pytest.mark.slow
@@ -39,6 +39,12 @@ def _set_params(repo: Path, **changes: dict) -> None:
 
 
 def _report(repo: Path) -> dict:
+    """The full record of the last promotion: the decision plus registry versions and Bento."""
+    return json.loads((repo / "logs/release.json").read_text())
+
+
+def _decision(repo: Path) -> dict:
+    """What DVC tracks: reports/promotion.json, free of anything store-specific."""
     return json.loads((repo / "reports/promotion.json").read_text())
 
 
@@ -51,6 +57,10 @@ def test_first_model_becomes_champion_with_a_slim_labelled_bento(built_repo: Pat
         "minimum iou",
     ]
     assert _champion(built_repo) == "1"
+    tracked = _decision(built_repo)
+    assert tracked["decision"] == report["decision"] and "bento" not in tracked
+    assert "version" not in tracked["candidate"]
+    assert len(tracked["candidate"]["model_sha256"]) == 64
 
     packaged = report["bento"]
     requirements = " ".join(packaged["requirements"]).lower()
@@ -156,8 +166,8 @@ def _post_file(url: str, field: str, path: Path) -> tuple[int, bytes]:
 def test_bento_serves_the_champion_from_outside_the_repository(built_repo: Path, tmp_path: Path):
     from PIL import Image
 
-    from segflow.images import read_image
-    from segflow.inference import Segmenter
+    from segflow.core.images import read_image
+    from segflow.core.inference import Segmenter
 
     bento_tag = _report(built_repo)["bento"]["bento_tag"]
     port = _free_port()

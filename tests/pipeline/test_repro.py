@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -108,7 +109,9 @@ def test_stage_runs_are_grouped_per_model_with_lineage_tags(built_repo: Path):
     data_runs = client.search_runs([data_exp.experiment_id])
     assert {r.data.tags["segflow.stage"] for r in data_runs} == {"ingest", "convert", "split"}
 
-    parent_id = json.loads((built_repo / "artifacts/model/run.json").read_text())["run_id"]
+    model_sha = hashlib.sha256((built_repo / "artifacts/model/model.pt").read_bytes()).hexdigest()
+    [parent] = client.search_runs([model_exp.experiment_id], f"tags.`segflow.model_sha256` = '{model_sha}'")
+    parent_id = parent.info.run_id
     children = client.search_runs([model_exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     assert sorted(r.data.tags["segflow.stage"] for r in children) == [
         "evaluate",
@@ -137,9 +140,11 @@ def test_stage_runs_are_grouped_per_model_with_lineage_tags(built_repo: Path):
 
 def test_model_is_registered_as_challenger(built_repo: Path):
     client = _client(built_repo)
-    registration = json.loads((built_repo / "artifacts/export/registration.json").read_text())
-    version = client.get_model_version_by_alias(registration["name"], "challenger")
-    assert str(version.version) == registration["version"] == "1"
+    version = client.get_model_version_by_alias("segflow-segmenter", "challenger")
+    assert str(version.version) == "1"
+    onnx_sha = hashlib.sha256((built_repo / "artifacts/export/model.onnx").read_bytes()).hexdigest()
+    assert version.tags["segflow.onnx_sha256"] == onnx_sha  # how promote finds it
+    assert not (built_repo / "artifacts/export/registration.json").exists()  # nothing store-specific
     assert (
         version.tags["segflow.data_hash"]
         == json.loads((built_repo / "artifacts/ingested/summary.json").read_text())["data_hash"]
@@ -152,7 +157,7 @@ def test_model_is_registered_as_challenger(built_repo: Path):
     mlflow.set_tracking_uri(uri)  # both, whatever earlier tests left in mlflow's globals
     mlflow.set_registry_uri(uri)
     try:
-        model = mlflow.onnx.load_model(f"models:/{registration['name']}@challenger")
+        model = mlflow.onnx.load_model("models:/segflow-segmenter@challenger")
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
@@ -291,7 +296,7 @@ def _coco_from_instances(repo: Path, layout: str) -> dict:
     import numpy as np
     from pycocotools import mask as coco_mask
 
-    from segflow.images import read_image
+    from segflow.core.images import read_image
 
     images, annotations = [], {}
     for number, path in enumerate(sorted((repo / "data/instances").glob("*.png")), start=1):
@@ -314,7 +319,7 @@ def test_coco_source_gives_the_same_canonical_masks(built_repo: Path, repo_copy:
     the folder of instance-id PNGs gives."""
     import numpy as np
 
-    from segflow.images import read_image
+    from segflow.core.images import read_image
 
     shutil.move(repo_copy / "data/masks", repo_copy / "data/instances")
     (repo_copy / "data/annotations.json").write_text(json.dumps(_coco_from_instances(repo_copy, "livecell")))

@@ -3,6 +3,7 @@ resumes from the last completed epoch and ends where an uninterrupted run ends."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -44,7 +45,8 @@ def _reference_history(repo: Path) -> list[dict]:
 
     from segflow.artifacts import read_manifest
     from segflow.config import load_params
-    from segflow.training import load_samples, train_model
+    from segflow.data.samples import load_samples
+    from segflow.train.loop import train_model
 
     params = load_params(repo / "params.yaml")
     split, converted = repo / "artifacts/split", repo / "artifacts/converted"
@@ -100,7 +102,12 @@ def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(repo_copy: P
     # The new MLflow run carries the whole curve, restored epochs included.
     from mlflow.tracking import MlflowClient
 
-    parent = json.loads((repo_copy / "artifacts/model/run.json").read_text())["run_id"]
     client = MlflowClient(tracking_uri=f"sqlite:///{repo_copy / 'mlflow.db'}")
+    model_sha = hashlib.sha256((repo_copy / "artifacts/model/model.pt").read_bytes()).hexdigest()
+    experiment = client.get_experiment_by_name("segflow").experiment_id
+    [model_run] = client.search_runs(
+        [experiment], f"tags.`segflow.model_sha256` = '{model_sha}'", max_results=1
+    )
+    parent = model_run.info.run_id
     steps = sorted(m.step for m in client.get_metric_history(parent, "val_dice"))
     assert steps == list(range(1, EPOCHS + 1))

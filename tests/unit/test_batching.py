@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from segflow.batching import MicroBatcher
+from segflow.serve.batching import MicroBatcher
 
 
 def test_lone_request_runs_at_once_as_a_batch_of_one():
@@ -18,13 +18,22 @@ def test_lone_request_runs_at_once_as_a_batch_of_one():
     batcher.close()
 
 
+def _wait_for(condition, what: str, timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds (no fixed sleeps: as fast as the machine allows)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
 def test_requests_queued_while_the_model_is_busy_share_one_call():
-    gate, calls = threading.Event(), []
+    started, release, calls = threading.Event(), threading.Event(), []
 
     def run(items):
         calls.append(list(items))
         if len(calls) == 1:
-            gate.wait(5)  # hold the first call so the others pile up
+            started.set()
+            release.wait(10)  # hold the first call so the others pile up
         return [f"r{i}" for i in items]
 
     batcher = MicroBatcher(run, 4)
@@ -33,13 +42,13 @@ def test_requests_queued_while_the_model_is_busy_share_one_call():
         threading.Thread(target=lambda i=i: results.update({i: batcher.submit([i])})) for i in range(6)
     ]
     threads[0].start()
-    time.sleep(0.1)
+    assert started.wait(10), "the first call never started"
     for t in threads[1:]:
         t.start()
-    time.sleep(0.2)
-    gate.set()
+    _wait_for(lambda: batcher.pending() == 5, "five requests queued behind the busy model")
+    release.set()
     for t in threads:
-        t.join(5)
+        t.join(10)
     assert results == {i: [f"r{i}"] for i in range(6)}
     assert [len(c) for c in calls] == [1, 4, 1]  # capped at max_batch_size
     batcher.close()

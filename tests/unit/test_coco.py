@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from segflow.datasets.coco import CocoFileError, rasterize, read_coco
+from segflow.data.coco import CocoFileError, rasterize, read_coco
 
 
 def square(x: int, y: int, size: int) -> list[float]:

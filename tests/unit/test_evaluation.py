@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from segflow.config import ExtraSet, InferenceParams
-from segflow.datasets.extra import check_tracked, load_extra_set
-from segflow.datasets.folder import SourceFileError
-from segflow.evaluation import classical_baseline, score_predictions, tune_postprocessing
-from segflow.images import write_png
-from segflow.inference import Preprocessing, to_prediction
-from segflow.instances import interior_target
-from segflow.reports import EvaluationReport
-from segflow.training import Sample
+from segflow.core.images import write_png
+from segflow.core.inference import Preprocessing, to_prediction
+from segflow.core.instances import interior_target
+from segflow.data.extra import check_tracked, load_extra_set
+from segflow.data.folder import SourceFileError
+from segflow.data.samples import Sample
+from segflow.evaluate.reports import EvaluationReport
+from segflow.evaluate.scoring import classical_baseline, score_predictions, tune_postprocessing
 
 PREP = Preprocessing(1, 0.5, 0.25, 32, threshold=0.5, instances="watershed", seed_threshold=0.5)
 

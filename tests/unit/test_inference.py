@@ -1,4 +1,4 @@
-"""segflow.inference (and segflow.export's ONNX round trip) with a tiny real model.
+"""segflow.core.inference (and segflow.release.export's ONNX round trip) with a tiny real model.
 
 The torch model is a real smp Unet with random weights (encoder_weights None: nothing
 downloads). Where exact values matter, the backend is a plain numpy function instead, so
@@ -12,17 +12,12 @@ import onnx
 import pytest
 import torch
 
-from segflow.export import ParityError, check_parity, export_onnx
-from segflow.inference import (
-    PREPROCESSING_VERSION,
-    Preprocessing,
-    Segmenter,
-    normalize,
-    pad_to_multiple,
-    sigmoid,
-)
-from segflow.models import build_model
-from segflow.objects import label_instances
+from segflow.core.inference import PREPROCESSING_VERSION, Preprocessing, Segmenter, normalize, sigmoid
+from segflow.core.objects import label_instances
+from segflow.core.tiling import pad_to_multiple
+from segflow.release.export import ParityError, check_parity, export_onnx
+from segflow.train.checkpoints import torch_segmenter
+from segflow.train.models import build_model
 
 TINY_SPEC = {
     "architecture": "Unet",
@@ -52,7 +47,7 @@ def model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def segmenter(model) -> Segmenter:
-    return Segmenter.from_torch(model, PREP)
+    return torch_segmenter(model, PREP)
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +342,7 @@ def test_parity_fails_when_logits_differ(model, onnx_path):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.inner(x) + 1.0
 
-    shifted = Segmenter.from_torch(Shifted(model), PREP)
+    shifted = torch_segmenter(Shifted(model), PREP)
     images = [random_image((64, 96), 1), random_image((100, 50), 2)]
 
     with pytest.raises(ParityError, match="parity_atol"):
@@ -379,7 +374,8 @@ def test_parity_fails_when_one_backend_returns_nan():
 @pytest.mark.parametrize("scaling", ["range", "percentile"])
 def test_training_items_from_16_bit_images_match_their_8_bit_twins(scaling):
     from segflow.config import parse_params
-    from segflow.training import Sample, _AugmentedDataset, build_augmentations, preprocessing_from
+    from segflow.data.samples import Sample
+    from segflow.train.loop import _AugmentedDataset, build_augmentations, preprocessing_from
 
     params = parse_params(
         {

@@ -1,11 +1,11 @@
-"""segflow.metrics against hand-computed values."""
+"""segflow.evaluate.metrics against hand-computed values."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from segflow.metrics import SCORES, Counts, confusion, summarize
+from segflow.evaluate.metrics import SCORES, Counts, confusion, summarize
 
 
 def four_by_four() -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segflow.models import build_model
+from segflow.train.models import build_model
 
 SPEC = {"architecture": "Unet", "encoder": "resnet18", "in_channels": 1, "classes": 1,
         "decoder_channels": [16, 16, 16, 16, 16]}  # fmt: skip

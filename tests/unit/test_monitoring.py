@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from segflow.monitoring import RequestLog, drift_report, psi, reference_profile
+from segflow.serve.monitoring import RequestLog, drift_report, psi, reference_profile
 
 
 def test_psi_is_small_for_the_same_distribution_and_large_for_a_shift():

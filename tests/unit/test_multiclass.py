@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from segflow.config import ParamsError, parse_params
-from segflow.inference import Preprocessing, scale_intensity, to_prediction
-from segflow.masks import semantic_from_values
-from segflow.metrics import Counts, class_confusions, confusion, summarize, summarize_classes
+from segflow.core.inference import Preprocessing, scale_intensity, to_prediction
+from segflow.core.masks import semantic_from_values
+from segflow.evaluate.metrics import Counts, class_confusions, confusion, summarize, summarize_classes
 
 THREE = ["background", "nucleus", "cytoplasm"]
 
@@ -136,7 +136,7 @@ def test_preprocessing_keeps_scaling_and_older_files_mean_range(tmp_path):
 def test_coco_categories_become_classes_by_name(tmp_path):
     from PIL import Image
 
-    from segflow.datasets.coco import rasterize, read_coco
+    from segflow.data.coco import rasterize, read_coco
 
     (tmp_path / "images").mkdir()
     Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "images/a.png")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco
 
-from segflow.objects import coco_rle, decode_coco_rle, describe_objects, draw_outlines, label_instances
+from segflow.core.objects import coco_rle, decode_coco_rle, describe_objects, draw_outlines, label_instances
 
 
 @pytest.mark.parametrize("seed", range(20))

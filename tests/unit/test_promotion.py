@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from segflow.promotion import decide
+from segflow.release.gate import decide
 
 MINIMUMS = {"dice": 0.85, "iou": 0.75}
 REGRESSION = {"dice": 0.005, "iou": 0.01}
@@ -103,7 +103,7 @@ def registry(tmp_path, monkeypatch):
 
 
 def test_move_champion_and_roll_back(registry):
-    from segflow.promotion import CHAMPION, move_champion, roll_back_champion, version_with_alias
+    from segflow.release.gate import CHAMPION, move_champion, roll_back_champion, version_with_alias
 
     assert version_with_alias(registry, "seg", CHAMPION) is None
     assert move_champion(registry, "seg", "1") is None
@@ -118,7 +118,7 @@ def test_move_champion_and_roll_back(registry):
 
 
 def test_roll_back_without_champion_is_refused(registry):
-    from segflow.promotion import roll_back_champion
+    from segflow.release.gate import roll_back_champion
 
     with pytest.raises(ValueError, match="has no champion"):
         roll_back_champion(registry, "seg")

@@ -15,12 +15,12 @@ import tifffile
 from PIL import Image
 
 from segflow.config import IngestParams
-from segflow.datasets.arrays import ArraysFileError, read_arrays
-from segflow.datasets.canonical import convert_one
-from segflow.datasets.cvat import CvatFileError, colour_table, parse_labelmap, read_cvat
-from segflow.datasets.folder import Pairing, inspect_pairs, manifest_frame, scan_pairs
-from segflow.datasets.sources import read_source
-from segflow.images import ImageReadError, pil_to_array, read_image, write_png
+from segflow.core.images import ImageReadError, pil_to_array, read_image, write_png
+from segflow.data.arrays import ArraysFileError, read_arrays
+from segflow.data.canonical import convert_one
+from segflow.data.cvat import CvatFileError, colour_table, parse_labelmap, read_cvat
+from segflow.data.folder import Pairing, inspect_pairs, manifest_frame, scan_pairs
+from segflow.data.sources import read_source
 
 H, W = 16, 20
 CLASSES = ["background", "cell", "debris"]

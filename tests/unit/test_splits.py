@@ -1,4 +1,4 @@
-"""segflow.splits: deterministic grouped splits and the leakage check."""
+"""segflow.data.splits: deterministic grouped splits and the leakage check."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segflow.splits import SPLITS, LeakageError, assign_from_file, assign_splits, check_leakage, group_keys
+from segflow.data.splits import (
+    SPLITS,
+    LeakageError,
+    assign_from_file,
+    assign_splits,
+    check_leakage,
+    group_keys,
+)
 
 RATIOS = {"train": 0.7, "val": 0.2, "test": 0.1}
 

@@ -1,4 +1,4 @@
-"""segflow.tiling: sliding-window inference agrees with whole-image inference.
+"""segflow.core.tiling: sliding-window inference agrees with whole-image inference.
 
 A pixel-wise model must give the same logits bit for bit, tiled or whole; a small
 convolutional model must agree wherever no tile's own edge is within its receptive field.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from segflow.tiling import tile_starts, tiled_logits
+from segflow.core.tiling import tile_starts, tiled_logits
 
 MULTIPLE = 32
 
@@ -153,7 +153,7 @@ def test_bad_tiling_says_what_to_change(tile_size: int, overlap: int, message: s
 
 
 def test_segmenter_runs_large_images_as_tiles_of_its_preprocessing():
-    from segflow.inference import Preprocessing, Segmenter
+    from segflow.core.inference import Preprocessing, Segmenter
 
     shapes = []
 

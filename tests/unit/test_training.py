@@ -7,6 +7,7 @@ Training runs on a few 32x32 images with a small network, seconds per test.
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -14,9 +15,10 @@ import torch
 from scipy import ndimage as ndi
 
 from segflow.config import parse_params
-from segflow.epochs import best_epoch, build_scheduler, epoch_seed, seed_epoch, should_stop
-from segflow.resume import ResumeFile, discard, fingerprint
-from segflow.training import Sample, build_augmentations, train_model
+from segflow.data.samples import Sample
+from segflow.train.epochs import best_epoch, build_scheduler, epoch_seed, seed_epoch, should_stop
+from segflow.train.loop import build_augmentations, train_model
+from segflow.train.resume import ResumeFile, discard, fingerprint
 
 TINY = {
     "train": {
@@ -173,18 +175,19 @@ def test_fingerprint_tracks_what_changes_the_epochs(data):
     assert fingerprint(_params(), {"p": 1}, swapped)["data"] != base["data"]
 
 
-def test_state_with_another_fingerprint_is_ignored_with_the_reason(tmp_path, capsys):
+def test_state_with_another_fingerprint_is_ignored_with_the_reason(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="segflow")
     path = tmp_path / ".resume" / "train.pt"
     ResumeFile(path, {"params": "a", "data": "b", "code": "c"}).save({"epoch": 2})
     assert ResumeFile(path, {"params": "a", "data": "b", "code": "c"}).load()["epoch"] == 2
     assert ResumeFile(path, {"params": "x", "data": "b", "code": "c"}).load() is None
-    out = capsys.readouterr().out
+    out = caplog.text
     assert f"ignoring {path}: it was saved for different params" in out and "from epoch 1" in out
     assert ResumeFile(path, {"params": "a", "data": "y", "code": "z"}).load() is None
-    assert "different data, code" in capsys.readouterr().out
+    assert "different data, code" in caplog.text
     path.write_bytes(b"half a file")
     assert ResumeFile(path, {"params": "a", "data": "b", "code": "c"}).load() is None
-    assert "cannot be read" in capsys.readouterr().out
+    assert "cannot be read" in caplog.text
     discard(path)
     assert not path.exists() and not path.parent.exists()
 
@@ -197,7 +200,8 @@ class _Killed(Exception):
     pass
 
 
-def test_interrupted_training_resumes_exactly(data, tmp_path, capsys):
+def test_interrupted_training_resumes_exactly(data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="segflow")
     train, val = data
     params = _params(epochs=3, schedule="cosine")
     reference = train_model(params, train, val, tmp_path / "reference" / "model.pt")
@@ -213,7 +217,7 @@ def test_interrupted_training_resumes_exactly(data, tmp_path, capsys):
 
     logged = []
     resumed = train_model(params, train, val, tmp_path / "second" / "model.pt", logged.append, state)
-    assert f"resuming from epoch 2/3 ({state})" in capsys.readouterr().out
+    assert f"resuming from epoch 2/3 ({state})" in caplog.text
     assert [r["epoch"] for r in logged] == [1, 2, 3]  # restored epochs are reported too
     assert _comparable(resumed) == _comparable(reference)
     best = torch.load(tmp_path / "second" / "model.pt", weights_only=True)
@@ -223,14 +227,15 @@ def test_interrupted_training_resumes_exactly(data, tmp_path, capsys):
         torch.testing.assert_close(best["state_dict"][key], tensor, rtol=0, atol=1e-6)
 
 
-def test_early_stopping_ends_the_run_and_keeps_the_best(data, tmp_path, capsys):
+def test_early_stopping_ends_the_run_and_keeps_the_best(data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="segflow")
     train, val = data
     # A learning rate far too high: val Dice stops improving almost at once.
     params = _params(epochs=8, early_stopping=1, schedule="constant", lr=5.0)
     history = train_model(params, train, val, tmp_path / "model.pt")
     assert len(history) < 8
     assert should_stop(history, 1) and not should_stop(history[:-1], 1)
-    assert f"early stopping after epoch {len(history)}/8" in capsys.readouterr().out
+    assert f"early stopping after epoch {len(history)}/8" in caplog.text
     best = torch.load(tmp_path / "model.pt", weights_only=True)
     assert best["epoch"] == best_epoch(history)["epoch"]
     assert best["val_dice"] == max(r["val_dice"] for r in history)

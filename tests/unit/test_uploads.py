@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segflow.uploads import UploadError, UploadLimits, decode_upload, sniff_format
+from segflow.serve.uploads import UploadError, UploadLimits, decode_upload, sniff_format
 
 
 def encode(array: np.ndarray, fmt: str) -> bytes:

@@ -1,4 +1,4 @@
-"""segflow.datasets.folder + segflow.validation: the ingest contract on real PNG folders.
+"""segflow.data.folder + segflow.data.validation: the ingest contract on real PNG folders.
 
 Every case folder is written and validated once per module (great-expectations is slow to
 import and to set up); the tests then read the reports.
@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from segflow.datasets.folder import MANIFEST_COLUMNS, inspect_pairs, scan_pairs
-from segflow.validation import ValidationReport, validate_ingest
+from segflow.data.folder import MANIFEST_COLUMNS, inspect_pairs, scan_pairs
+from segflow.data.validation import ValidationReport, validate_ingest
 
 H, W = 24, 32
 GOOD_IMAGES = 4

@@ -1,0 +1,271 @@
+"""The one inference path: preprocess -> model -> postprocess.
+
+evaluate, export's parity check, the CLI and the service all go through `Segmenter`, so
+what is measured is what is served. The model is anything that maps a (N, C, H, W)
+float32 batch to (N, K, H, W) float32 logits: a torch module or an ONNX Runtime session.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from segflow.core.instances import drop_small, split_by_class, watershed_instances
+from segflow.core.objects import label_instances
+from segflow.core.tiling import tiled_logits
+from segflow.errors import UserError
+
+PREPROCESSING_VERSION = 1
+# What evaluate may choose after training (params.inference, tuned on val): how logits become
+# objects and how large images are tiled. The network's inputs and outputs stay as trained.
+POSTPROCESS_FIELDS = ("threshold", "seed_threshold", "min_area", "tile_size", "tile_overlap")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything needed to turn an image into model input and logits into a mask.
+
+    Saved as preprocessing.json beside model.onnx, and inside the torch checkpoint.
+    """
+
+    in_channels: int
+    mean: float
+    std: float
+    pad_multiple: int
+    threshold: float
+    classes: list[str] = field(default_factory=lambda: ["background", "cell"])
+    # Intensity scaling to [0, 1] (base.intensity). The defaults reproduce models exported
+    # before these fields existed: divide by the dtype's range.
+    scaling: str = "range"  # range | percentile | auto (range for uint8, else percentile)
+    low: float = 1.0  # percentile scaling: these per-image percentiles map to 0 and 1
+    high: float = 99.8
+    # Objects (inference.* in params.yaml). The defaults reproduce older models: connected
+    # components of the mask, whole-image inference.
+    instances: str = "components"  # components | watershed (the model's last channel is P(interior) logits)
+    seed_threshold: float = 0.5  # watershed: P(interior) above which a pixel seeds an object
+    min_area: int = 0  # objects smaller than this many pixels are dropped
+    tile_size: int = 0  # images larger than this run as overlapping tiles; 0 = whole images
+    tile_overlap: int = 0
+    input_name: str = "image"
+    output_name: str = "logits"
+    version: int = PREPROCESSING_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_postprocess(self, values: dict) -> Preprocessing:
+        """A copy with the POSTPROCESS_FIELDS found in `values` (params.inference or postprocess.json)."""
+        return replace(self, **{k: values[k] for k in POSTPROCESS_FIELDS if k in values})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        if data.get("version") != PREPROCESSING_VERSION:
+            raise UserError(
+                f"preprocessing version {data.get('version')} is not supported "
+                f"(expected {PREPROCESSING_VERSION}); re-run `dvc repro export`"
+            )
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Preprocessing:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class Prediction:
+    """One image's result at its original size."""
+
+    logits: np.ndarray  # two classes: (H, W) float32 foreground logit; K > 2: (K, H, W)
+    probability: np.ndarray  # (H, W) float32 in [0, 1]: P(foreground) = 1 - P(background)
+    mask: np.ndarray  # (H, W) uint8 class ids
+    instances: np.ndarray  # (H, W) uint16 object ids, 0 = background
+    interior: np.ndarray | None = None  # watershed models: (H, W) float32 P(object interior)
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """Scale intensities to [0, 1] float32 by the dtype's range.
+
+    Raises:
+        ValueError: float input with NaN/inf, or an unsupported dtype.
+    """
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            raise UserError("image contains NaN or infinite values")
+        return np.clip(image.astype(np.float32), 0.0, 1.0)
+    raise UserError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float in [0, 1]")
+
+
+def scale_intensity(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Raw intensities -> float32 on a [0, 1] scale, as `prep` says (training and inference alike).
+
+    Percentile scaling maps each image's `low` and `high` percentiles to 0 and 1 (values
+    beyond stay beyond), so dim 16-bit microscopy uses the whole input range.
+    """
+    method = prep.scaling
+    if method == "auto":
+        method = "range" if image.dtype == np.uint8 else "percentile"
+    if method == "range":
+        return to_unit_range(image)
+    unit = to_unit_range(image)  # validates the dtype and finiteness first
+    flat = unit.ravel()
+    flat = flat[:: max(1, flat.size // 2**20)]  # a 1M-pixel sample estimates the percentiles closely
+    lo, hi = np.percentile(flat, [prep.low, prep.high])
+    return ((unit - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
+
+
+def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
+    """(H, W) or (H, W, C) -> (in_channels, H, W), converting gray <-> RGB as needed."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] == 4:
+        image = image[..., :3]
+    if image.shape[2] not in (1, 3):
+        raise UserError(f"image has {image.shape[2]} channels; expected 1, 3 or 4")
+    if in_channels == 1 and image.shape[2] == 3:
+        image = image @ np.array([0.299, 0.587, 0.114], np.float32)
+        image = image[..., None]
+    elif in_channels == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def normalize(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Raw image -> (C, H, W) float32 model input at the original size (no padding)."""
+    return standardize(scale_intensity(image, prep), prep)
+
+
+def standardize(unit: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Image already scaled by scale_intensity -> (C, H, W) float32 model input."""
+    chw = to_channels(unit, prep.in_channels)
+    return ((chw - prep.mean) / prep.std).astype(np.float32)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free form
+
+
+def to_prediction(logit: np.ndarray, prep: Preprocessing) -> Prediction:
+    """(channels, H, W) logits -> Prediction, post-processed as `prep` says.
+
+    The channels are one foreground logit (two classes) or K class logits, followed by
+    one interior logit when prep.instances is "watershed".
+    """
+    watershed = prep.instances == "watershed"
+    semantic = logit[:-1] if watershed else logit
+    probability, mask = semantic_mask(semantic, prep.threshold)
+    if watershed:
+        interior = sigmoid(logit[-1])
+        instances = watershed_instances(mask > 0, interior, prep.seed_threshold)
+        if len(prep.classes) > 2:
+            instances = split_by_class(instances, mask)
+    else:
+        interior, instances = None, label_instances(mask)
+    logits = semantic[0] if semantic.shape[0] == 1 else semantic
+    return without_small_objects(Prediction(logits, probability, mask, instances, interior), prep.min_area)
+
+
+def without_small_objects(prediction: Prediction, min_area: int) -> Prediction:
+    """The prediction with objects under `min_area` pixels removed from its instances and mask."""
+    if min_area <= 0:
+        return prediction
+    instances = drop_small(prediction.instances, min_area)
+    mask = np.where(instances > 0, prediction.mask, 0).astype(np.uint8)
+    return replace(prediction, instances=instances, mask=mask)
+
+
+def semantic_mask(logit: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(K, H, W) class logits (K = 1 for two classes) -> P(foreground) and the class-id mask.
+
+    A pixel is foreground when P(foreground) = 1 - P(background) exceeds the threshold; with
+    more than two classes it then takes the most probable foreground class.
+
+    Returns:
+        (H, W) float32 probability and (H, W) uint8 class ids.
+    """
+    if logit.shape[0] == 1:
+        probability = sigmoid(logit[0])
+        return probability, (probability > threshold).astype(np.uint8)
+    probabilities = softmax(logit)  # (K, H, W)
+    foreground = (1.0 - probabilities[0]).astype(np.float32)
+    classes = (np.argmax(probabilities[1:], axis=0) + 1).astype(np.uint8)
+    return foreground, np.where(foreground > threshold, classes, 0).astype(np.uint8)
+
+
+def softmax(logit: np.ndarray) -> np.ndarray:
+    """Softmax over axis 0 of (K, H, W) logits, float32."""
+    shifted = np.exp(logit - logit.max(axis=0, keepdims=True))
+    return (shifted / shifted.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+class Segmenter:
+    """Segments images with any backend that maps (N, C, H, W) -> (N, K, H, W) logits."""
+
+    def __init__(
+        self, run_batch: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, batch_size: int = 8
+    ):
+        self._run_batch = run_batch
+        self.prep = prep
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_onnx(
+        cls, model_path: str | Path, prep: Preprocessing | str | Path, threads: int = 0
+    ) -> Segmenter:
+        """Open an ONNX model with ONNX Runtime on the CPU.
+
+        Args:
+            model_path: model.onnx.
+            prep: a Preprocessing, or the path of its preprocessing.json.
+            threads: intra-op threads; 0 lets ONNX Runtime decide.
+        """
+        import onnxruntime as ort
+
+        if not isinstance(prep, Preprocessing):
+            prep = Preprocessing.load(prep)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # Idle worker threads sleep instead of spinning: the service decodes, post-processes
+        # and answers requests on the same cores while the model runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return session.run([prep.output_name], {prep.input_name: batch})[0]
+
+        return cls(run, prep)
+
+    def logits(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Raw images -> (channels, H, W) float32 logits each, at each image's own size.
+
+        Images larger than prep.tile_size run as overlapping tiles blended together, at the
+        scale the model was trained on, so memory stays bounded whatever the image size.
+        Whole images of one padded shape, and tiles, share model calls up to batch_size.
+        """
+        prep = self.prep
+        inputs = [normalize(image, prep) for image in images]
+        return tiled_logits(
+            self._run_batch, inputs, prep.tile_size, prep.tile_overlap, prep.pad_multiple, self.batch_size
+        )
+
+    def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[Prediction]:
+        """Raw images -> Prediction (probability and thresholded class-id mask) each.
+
+        A pixel is foreground when P(foreground) exceeds the threshold; with more than two
+        classes it then takes the most probable foreground class.
+        """
+        prep = self.prep if threshold is None else replace(self.prep, threshold=threshold)
+        return [to_prediction(logit, prep) for logit in self.logits(images)]
+
+    def predict_one(self, image: np.ndarray) -> Prediction:
+        return self.predict([image])[0]

@@ -1,0 +1,215 @@
+"""Objects in a predicted mask: instance labels, polygons, COCO RLE and outlines.
+
+Shared by evaluation, the CLI and the service (through segflow.serve.answers), so an object
+counted in a report is the object a client receives. OpenCV does the pixel work: it is
+already a dependency of the augmentations and keeps per-request post-processing at a
+fraction of a millisecond for typical images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from segflow.errors import UserError
+
+# Distinct outline colours (RGB), cycled by object id so touching objects differ.
+PALETTE = np.array(
+    [
+        (255, 64, 64), (64, 200, 255), (255, 210, 0), (0, 230, 120), (255, 90, 220), (160, 120, 255),
+        (255, 150, 40), (0, 190, 190), (200, 255, 80), (255, 120, 150), (90, 150, 255), (230, 230, 230),
+    ],
+    dtype=np.uint8,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SegmentedObject:
+    """One connected object of one class."""
+
+    id: int  # the object's value in the instance label image
+    class_id: int
+    area: int  # pixels
+    bbox: tuple[int, int, int, int]  # COCO order: x, y, width, height
+    polygon: list[int]  # outer contour, COCO order: x1, y1, x2, y2, ... (at least 3 points)
+    score: float  # mean class probability over the object's pixels
+
+
+def label_instances(mask: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 class ids -> (H, W) uint16 instance ids, 0 = background.
+
+    Each class's 4-connected components get ids in raster order, class 1 first; the
+    same connectivity the pipeline uses for ground-truth instances.
+    """
+    instances = np.zeros(mask.shape, np.uint16)
+    next_id = 1
+    for class_id in np.flatnonzero(np.bincount(mask.ravel())[1:]) + 1:  # classes present (faster than unique)
+        count, labels = cv2.connectedComponents((mask == class_id).astype(np.uint8), connectivity=4)
+        if next_id + count - 1 > np.iinfo(np.uint16).max:
+            raise UserError(f"more than 65535 objects in one image (class {class_id})")
+        found = labels > 0
+        instances[found] = labels[found] + (next_id - 1)
+        next_id += count - 1
+    return instances
+
+
+def object_scores(instances: np.ndarray, probability: np.ndarray) -> dict[int, float]:
+    """Each object's confidence: the mean probability over its pixels (what AP ranks by).
+
+    Args:
+        instances: (H, W) uint16 instance ids.
+        probability: (H, W) float32 probability of each pixel's predicted class.
+    """
+    areas = np.bincount(instances.ravel())
+    sums = np.bincount(instances.ravel(), weights=probability.ravel().astype(np.float64))
+    return {i: float(sums[i] / areas[i]) for i in np.flatnonzero(areas[1:]) + 1}
+
+
+def describe_objects(
+    instances: np.ndarray, mask: np.ndarray, probability: np.ndarray
+) -> list[SegmentedObject]:
+    """One SegmentedObject per instance id, in id order.
+
+    Args:
+        instances: (H, W) uint16 instance ids from label_instances.
+        mask: (H, W) uint8 class ids.
+        probability: (H, W) float32 probability of each pixel's predicted class.
+    """
+    count = int(instances.max()) if instances.size else 0
+    if count == 0:
+        return []
+    rows, cols = np.nonzero(instances)  # row-major order
+    ids = instances[rows, cols].astype(np.int64)
+    # Group object pixels by id (stable, so each group stays in row-major order): areas,
+    # scores, classes and bounding boxes then come from one reduction per quantity.
+    order = np.argsort(ids, kind="stable")
+    ids, rows, cols = ids[order], rows[order], cols[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    present = ids[starts]
+    areas = np.diff(np.r_[starts, len(ids)])
+    scores = np.add.reduceat(probability[rows, cols].astype(np.float64), starts) / areas
+    classes = mask[rows[starts], cols[starts]]
+    top, bottom = rows[starts], rows[np.r_[starts[1:], len(ids)] - 1]  # rows ascend within a group
+    left, right = np.minimum.reduceat(cols, starts), np.maximum.reduceat(cols, starts)
+    objects = []
+    for k, obj_id in enumerate(present):
+        y0, y1, x0, x1 = int(top[k]), int(bottom[k]), int(left[k]), int(right[k])
+        crop = (instances[y0 : y1 + 1, x0 : x1 + 1] == obj_id).astype(np.uint8)
+        objects.append(
+            SegmentedObject(
+                id=int(obj_id),
+                class_id=int(classes[k]),
+                area=int(areas[k]),
+                bbox=(x0, y0, x1 - x0 + 1, y1 - y0 + 1),
+                polygon=_polygon(crop, x0, y0),
+                score=round(float(scores[k]), 4),
+            )
+        )
+    return objects
+
+
+def _polygon(crop: np.ndarray, x0: int, y0: int) -> list[int]:
+    """Outer contour of a (h, w) uint8 object crop, shifted to image coordinates."""
+    contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contour = max(contours, key=len).reshape(-1, 2)
+    if len(contour) < 3:
+        # A one-pixel-wide line or a single pixel: its contour has 1-2 points, not a valid
+        # COCO polygon; use the corners of the pixels' box instead.
+        h, w = crop.shape
+        contour = np.array([(0, 0), (w, 0), (w, h), (0, h)])
+    return [int(v) for v in np.add(contour, (x0, y0)).ravel()]
+
+
+def coco_rle(binary: np.ndarray) -> dict:
+    """(H, W) bool -> COCO compressed RLE {"size": [H, W], "counts": str}.
+
+    The counts are run lengths in column-major order starting with a background run,
+    encoded the way pycocotools encodes them (so `pycocotools.mask.decode` reads it).
+    """
+    height, width = binary.shape
+    flat = np.asarray(binary, dtype=bool).ravel(order="F")
+    if flat.size == 0:
+        return {"size": [height, width], "counts": ""}
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate(([0], changes, [flat.size])))
+    if flat[0]:
+        runs = np.concatenate(([0], runs))
+    return {"size": [int(height), int(width)], "counts": _encode_counts(runs.tolist())}
+
+
+def _encode_counts(runs: list[int]) -> str:
+    # Each count (after the second, as a difference from the count two before) is written
+    # in 5-bit groups, low first, with a continuation bit; characters start at '0'.
+    chars = []
+    for i, run in enumerate(runs):
+        value = run - runs[i - 2] if i > 2 else run
+        more = True
+        while more:
+            group = value & 0x1F
+            value >>= 5
+            more = value != -1 if group & 0x10 else value != 0
+            chars.append(chr(group + (0x20 if more else 0) + 48))
+    return "".join(chars)
+
+
+def decode_coco_rle(rle: dict) -> np.ndarray:
+    """COCO compressed RLE -> (H, W) bool; the inverse of coco_rle."""
+    height, width = rle["size"]
+    counts, text, pos = [], rle["counts"], 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            group = ord(text[pos]) - 48
+            value |= (group & 0x1F) << (5 * shift)
+            more = bool(group & 0x20)
+            pos, shift = pos + 1, shift + 1
+            if not more and group & 0x10:
+                value |= -1 << (5 * shift)
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    flat = np.repeat(np.arange(len(counts)) % 2 == 1, counts)
+    return flat.reshape((width, height)).T.copy()
+
+
+def outline_pixels(instances: np.ndarray) -> np.ndarray:
+    """(H, W) bool: object pixels with a 4-neighbour of another id (or the image edge)."""
+    padded = np.pad(instances, 1, mode="constant")
+    centre = padded[1:-1, 1:-1]
+    edge = (
+        (centre != padded[:-2, 1:-1])
+        | (centre != padded[2:, 1:-1])
+        | (centre != padded[1:-1, :-2])
+        | (centre != padded[1:-1, 2:])
+    )
+    return edge & (centre > 0)
+
+
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """Any accepted image -> (H, W, 3) uint8 for people to look at.
+
+    8-bit images are shown as they are; 16-bit and float images are stretched between
+    their 0.5th and 99.5th percentiles, as microscopy viewers do, so dim data is visible.
+    """
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = image[..., :3]
+    if image.dtype != np.uint8:
+        values = image.astype(np.float32)
+        low, high = np.percentile(values, (0.5, 99.5))
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = np.clip((values - low) * scale, 0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image)
+
+
+def draw_outlines(image: np.ndarray, instances: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: the image with each object's outline in its palette colour."""
+    rgb = display_rgb(image).copy()
+    edge = outline_pixels(instances)
+    rgb[edge] = PALETTE[(instances[edge].astype(np.int64) - 1) % len(PALETTE)]
+    return rgb

@@ -1,0 +1,192 @@
+"""Scoring segmentations the way the field does, tuning post-processing on val, baselines, overlays.
+
+Everything here scores `Prediction`s from segflow.core.inference, so the numbers in
+reports/metrics.json describe exactly what the CLI and the service return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from segflow.config import InferenceParams
+from segflow.core.images import write_png
+from segflow.core.inference import (
+    Prediction,
+    Preprocessing,
+    Segmenter,
+    scale_intensity,
+    to_channels,
+    to_prediction,
+    without_small_objects,
+)
+from segflow.core.objects import object_scores, outline_pixels
+from segflow.data.samples import Sample
+from segflow.evaluate.baseline import otsu_segment, otsu_watershed
+from segflow.evaluate.metrics import (
+    class_confusions,
+    confusion,
+    image_instance_scores,
+    image_scores,
+    instance_summary,
+    summarize,
+    summarize_classes,
+)
+
+TRUE_COLOUR = (0, 220, 0)  # green: ground-truth outlines
+PRED_COLOUR = (255, 0, 200)  # magenta: predicted outlines
+TUNING_SCORES = ("dice", "ap", "ap50", "count_error")  # recorded for every grid point
+
+
+@dataclass
+class SplitScores:
+    """One set of images scored: summary, per-image rows, and the predictions behind them."""
+
+    summary: dict[str, float]  # Dice, IoU, ... and, with instance truth, AP, AP50, AP75, count error
+    rows: list[dict]  # one per image
+    predictions: list[Prediction]
+    ap_by_iou: list[float] | None  # AP at IoU 0.50, 0.55, ... 0.95; None without instance truth
+
+
+def score_split(segmenter: Segmenter, samples: list[Sample], split: str) -> SplitScores:
+    """Predict every sample with the segmenter's own post-processing and score it."""
+    predictions = segmenter.predict([s.image for s in samples])
+    return score_predictions(predictions, samples, list(segmenter.prep.classes), split)
+
+
+def score_predictions(
+    predictions: list[Prediction], samples: list[Sample], classes: list[str], split: str
+) -> SplitScores:
+    """Pixel scores (per class when K > 2) and, when every sample has instance ids, object scores."""
+    summary = _pixel_summary(predictions, samples, classes)
+    rows = []
+    for p, s in zip(predictions, samples, strict=True):
+        row = {"split": split, "image": s.id, **image_scores(class_confusions(p.mask, s.mask, len(classes)))}
+        if s.instances is not None:
+            row |= image_instance_scores(s.instances, p.instances, object_scores(p.instances, p.probability))
+        rows.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
+    ap_by_iou = None
+    if samples and all(s.instances is not None for s in samples):
+        objects = _object_summary(predictions, samples, classes)
+        ap_by_iou = objects.pop("ap_by_iou")
+        summary |= {k: v for k, v in objects.items() if k != "images"}
+    return SplitScores(summary, rows, predictions, ap_by_iou)
+
+
+def _pixel_summary(predictions: list[Prediction], samples: list[Sample], classes: list[str]) -> dict:
+    pairs = list(zip(predictions, samples, strict=True))
+    counts = [class_confusions(p.mask, s.mask, len(classes)) for p, s in pairs]
+    summary = summarize_classes(counts, classes)
+    if len(classes) > 2:  # comparable with the (foreground-only) threshold baseline
+        summary["dice_foreground"] = summarize([confusion(p.mask, s.mask) for p, s in pairs])["dice"]
+    return summary
+
+
+def _object_summary(predictions: list[Prediction], samples: list[Sample], classes: list[str]) -> dict:
+    multi = len(classes) > 2
+    return instance_summary(
+        [s.instances for s in samples],
+        [p.instances for p in predictions],
+        scores=[object_scores(p.instances, p.probability) for p in predictions],
+        truth_classes=[s.mask for s in samples] if multi else None,
+        pred_classes=[p.mask for p in predictions] if multi else None,
+        classes=classes,
+    )
+
+
+def tune_postprocessing(
+    logits: list[np.ndarray], samples: list[Sample], prep: Preprocessing, cfg: InferenceParams
+) -> tuple[Preprocessing, list[dict]]:
+    """Pick the post-processing that scores best on `samples` from the grids in `cfg`.
+
+    Call it with the validation split only: the test split must stay unseen until scoring.
+
+    Args:
+        logits: the model's logits for each sample (Segmenter.logits), computed once.
+        samples: the validation samples.
+        prep: the model's preprocessing; its other fields are kept.
+        cfg: params.inference: threshold_grid, seed_threshold_grid (watershed models only),
+            min_area_grid and tune_metric ("ap", "ap50": need instance ids, else Dice is used).
+
+    Returns:
+        (prep with the best values, one row per grid point with its scores). Ties go to the
+        lower object-count error, then to the first grid point, so the choice is repeatable.
+    """
+    seeds = cfg.seed_threshold_grid if prep.instances == "watershed" else [prep.seed_threshold]
+    classes, table = list(prep.classes), []
+    for threshold in cfg.threshold_grid:
+        for seed in seeds:
+            candidate = replace(prep, threshold=threshold, seed_threshold=seed, min_area=0)
+            unfiltered = [to_prediction(logit, candidate) for logit in logits]
+            for min_area in cfg.min_area_grid:  # dropping small objects needs no new watershed
+                predictions = [without_small_objects(p, min_area) for p in unfiltered]
+                scores = score_predictions(predictions, samples, classes, "val").summary
+                row = {"threshold": threshold, "seed_threshold": seed, "min_area": min_area}
+                table.append(
+                    row | {k: scores[k] for k in ("dice", "ap", "ap50", "count_error") if k in scores}
+                )
+    key = cfg.tune_metric if cfg.tune_metric in table[0] else "dice"
+    best = max(table, key=lambda row: (row[key], -row.get("count_error", 0.0)))
+    chosen = {k: best[k] for k in ("threshold", "seed_threshold", "min_area")}
+    return prep.with_postprocess(chosen), table
+
+
+def classical_baseline(val: list[Sample], test: list[Sample], classes: list[str]) -> dict:
+    """Otsu threshold + distance-transform watershed, scored by the same code as the model.
+
+    Its free choices are made on val, like the model's post-processing, so the comparison is
+    fair: the polarity (dark or bright cells) by pixel Dice, which is meaningful even where
+    the threshold finds no whole object; then the seeds' minimum distance by AP (Dice when
+    there are no instance ids).
+    """
+    key = "ap" if all(s.instances is not None for s in val) else "dice"
+
+    def scored(samples: list[Sample], side: str, distance: int, split: str) -> SplitScores:
+        predictions = [_as_prediction(otsu_watershed(s.image, side, distance)) for s in samples]
+        return score_predictions(predictions, samples, classes, split)
+
+    def pixel_dice(side: str) -> float:
+        return summarize([confusion(otsu_segment(s.image, side), s.mask) for s in val])["dice"]
+
+    side = max(("dark", "bright"), key=pixel_dice)
+    distance = max((3, 6, 10, 15, 25), key=lambda d: scored(val, side, d, "val").summary[key])
+    test_scores = scored(test, side, distance, "test")
+    return {
+        "method": "otsu+watershed",
+        "foreground": side,
+        "min_distance": distance,
+        "test": test_scores.summary,
+        "ap_by_iou": test_scores.ap_by_iou,
+    }
+
+
+def _as_prediction(instances: np.ndarray) -> Prediction:
+    """A classical segmentation in the model's result type (every object fully confident)."""
+    mask = (instances > 0).astype(np.uint8)
+    return Prediction(mask.astype(np.float32), mask.astype(np.float32), mask, instances)
+
+
+def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: the image in gray with each true (green) and predicted (magenta) object outlined.
+
+    Args:
+        truth, pred: (H, W) instance ids (or class ids, when there are no instances).
+    """
+    display = Preprocessing(1, 0.0, 1.0, 1, 0.5, scaling="percentile")  # dim 16-bit images visible too
+    gray = (np.clip(to_channels(scale_intensity(image, display), 1)[0], 0, 1) * 255).astype(np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    rgb[outline_pixels(truth)] = TRUE_COLOUR
+    rgb[outline_pixels(pred)] = PRED_COLOUR
+    return rgb
+
+
+def write_overlays(folder: Path, samples: list[Sample], predictions: list[Prediction], count: int) -> None:
+    """Replace `folder` with overlays of the first `count` samples (named by sample id)."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    for sample, prediction in list(zip(samples, predictions, strict=True))[:count]:
+        truth = sample.instances if sample.instances is not None else sample.mask
+        write_png(folder / f"{sample.id}.png", overlay(sample.image, truth, prediction.instances))

@@ -1,0 +1,81 @@
+"""ONNX export with dynamic batch/height/width, and the parity check against torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from segflow.core.inference import Preprocessing, Segmenter
+from segflow.errors import UserError
+
+
+class ParityError(UserError):
+    """ONNX Runtime and torch disagree by more than the allowed tolerance."""
+
+
+def export_onnx(model, prep: Preprocessing, path: Path, opset: int, ir_version: int) -> None:
+    """Write `model` as ONNX with dynamic N, H and W.
+
+    The TorchScript-based exporter is used: it handles smp's decoders with symbolic H/W
+    reliably. The IR version is lowered to one the pinned onnxruntime loads.
+    """
+    import onnx
+    import torch
+
+    model.eval()
+    dummy = torch.zeros(1, prep.in_channels, 2 * prep.pad_multiple, 2 * prep.pad_multiple)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(tmp),
+        input_names=[prep.input_name],
+        output_names=[prep.output_name],
+        dynamic_axes={
+            prep.input_name: {0: "batch", 2: "height", 3: "width"},
+            prep.output_name: {0: "batch", 2: "height", 3: "width"},
+        },
+        opset_version=opset,
+        dynamo=False,
+    )
+    proto = onnx.load(str(tmp))
+    proto.ir_version = ir_version
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    tmp.unlink()
+
+
+def check_parity(
+    torch_segmenter: Segmenter, onnx_segmenter: Segmenter, images: list[np.ndarray], atol: float
+) -> dict:
+    """Compare logits of both backends on the same images through the inference path.
+
+    Returns:
+        {"max_abs_diff", "mean_abs_diff", "images", "atol", "passed"}.
+
+    Raises:
+        ParityError: when the largest difference exceeds atol.
+    """
+    if not images:
+        raise ValueError("parity check needs at least one image")
+    diffs = [
+        np.abs(a - b)
+        for a, b in zip(torch_segmenter.logits(images), onnx_segmenter.logits(images), strict=True)
+    ]
+    report = {
+        # np.max, not max(): a NaN anywhere must propagate and fail the check.
+        "max_abs_diff": float(np.max([d.max() for d in diffs])),
+        "mean_abs_diff": float(np.mean([d.mean() for d in diffs])),
+        "images": len(images),
+        "atol": atol,
+    }
+    report["passed"] = bool(np.isfinite(report["max_abs_diff"]) and report["max_abs_diff"] <= atol)
+    if not report["passed"]:
+        raise ParityError(
+            f"ONNX logits differ from torch by up to {report['max_abs_diff']:.3g} "
+            f"(export.parity_atol is {atol:g}); the exported model does not reproduce the "
+            "trained one: check the opset (export.opset) and custom layers"
+        )
+    return report

@@ -1,0 +1,250 @@
+"""The promotion step around the gate: gather numbers, decide, record, act.
+
+`promote()` is what `dvc repro promote` and `segflow promote` run; `rollback()` is
+`segflow rollback`. The decision itself is segflow.release.gate.decide (pure).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from segflow.artifacts import (
+    CONVERTED,
+    EXPORT,
+    MODEL,
+    REPORTS,
+    SPLIT,
+    StageError,
+    data_hash,
+    read_json,
+    read_manifest,
+    write_json,
+)
+from segflow.config import GATE_METRICS, Params
+from segflow.release import bento, tracking
+from segflow.release.gate import CHAMPION, decide, move_champion, roll_back_champion, version_with_alias
+
+PROMOTION_REPORT = REPORTS / "promotion.json"
+# Where this machine's registry versions and Bento tags go: run-specific, so outside DVC's
+# outputs (reports/promotion.json holds only what the same data and code always decide).
+RELEASE_RECORD = Path("logs/release.json")
+# Run-specific entries of the full report, left out of PROMOTION_REPORT.
+_RUN_SPECIFIC = ("previous_champion", "bento")
+
+
+def promote(params: Params) -> dict:
+    """Run the gate for the exported candidate and act on its decision.
+
+    Returns:
+        The full report: what reports/promotion.json holds (decision, checks, the candidate's
+        and champion's metrics and file hashes) plus the registry versions and the Bento,
+        which go to logs/release.json.
+    """
+    import mlflow
+
+    tracking.configure()
+    client = mlflow.tracking.MlflowClient()
+    name = params.export.registered_model_name
+    version = _candidate_version(client, name)
+    candidate = _gate_metrics(read_json(REPORTS / "metrics.json")["test"])
+    test_hash = read_json(SPLIT / "summary.json")["test_hash"]
+
+    holder = version_with_alias(client, name, CHAMPION)
+    champion = None
+    if holder is not None and str(holder.version) != version:
+        champion = {
+            "version": str(holder.version),
+            "model_sha256": holder.tags.get(tracking.ONNX_KEY_TAG),
+            **_champion_metrics(client, holder, test_hash, params),
+        }
+    cfg = params.promote
+    decision = decide(candidate, champion and champion["metrics"], cfg.minimums, cfg.max_regression)
+    report = {
+        "decision": decision.to_dict(),
+        "candidate": {
+            "name": name,
+            "version": version,
+            "model_sha256": tracking.file_sha256(EXPORT / "model.onnx"),
+            "metrics": candidate,
+        },
+        "champion": champion,
+        "already_champion": holder is not None and str(holder.version) == version,
+        "test_hash": test_hash,
+    }
+    status = "passed" if decision.promote else "failed"
+    client.set_model_version_tag(name, version, "validation_status", status)
+    client.set_model_version_tag(
+        name, version, "validation_reasons", "; ".join(decision.reasons) or "all checks passed"
+    )
+    if decision.promote and not report["already_champion"]:
+        report["previous_champion"] = move_champion(client, name, version)
+        report["bento"] = package(client, name, version, EXPORT)
+    elif decision.promote:
+        # Nothing to move, but this step re-runs when the service code or its `serve`
+        # limits change (promote's deps): rebuild the champion's Bento with them.
+        report["bento"] = package(client, name, version, EXPORT, reuse_model=True)
+    write_json(PROMOTION_REPORT, reproducible(report))
+    write_json(RELEASE_RECORD, report)
+    _log_run(params, report)
+    return report
+
+
+def reproducible(report: dict) -> dict:
+    """The report without registry versions and Bento tags (which differ from store to store)."""
+    out = {k: v for k, v in report.items() if k not in _RUN_SPECIFIC}
+    out["candidate"] = {k: v for k, v in report["candidate"].items() if k != "version"}
+    if report.get("champion"):
+        out["champion"] = {k: v for k, v in report["champion"].items() if k != "version"}
+    return out
+
+
+def _candidate_version(client, name: str) -> str:
+    """The registered version holding artifacts/export/model.onnx, found by the file's hash."""
+    version = tracking.find_registered_version(client, name, EXPORT / "model.onnx")
+    if version is None:
+        raise StageError(
+            f"{EXPORT / 'model.onnx'} is not registered as a version of {name} in "
+            f"{tracking.tracking_uri()} (it came from DVC's cache or a remote, not from an export "
+            "into this store); register it with `dvc repro --force export`"
+        )
+    return version
+
+
+def _log_run(params: Params, report: dict) -> None:
+    """A `promote` child run under the candidate's model run: the decision beside its metrics."""
+    import mlflow
+
+    tags = tracking.lineage_tags("promote", params.digest(), data_hash(SPLIT))
+    tags["segflow.promotion"] = "passed" if report["decision"]["promote"] else "failed"
+    with tracking.model_stage_run("promote", tags, MODEL):
+        mlflow.log_metric("promoted", int(report["decision"]["promote"]))
+        mlflow.log_dict(report, "promotion.json")
+
+
+def rollback(params: Params) -> dict:
+    """Move `champion` back to the previous champion and rebuild its Bento."""
+    import mlflow
+
+    tracking.configure()
+    client = mlflow.tracking.MlflowClient()
+    name = params.export.registered_model_name
+    try:
+        demoted, restored = roll_back_champion(client, name)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = download_model(name, restored, Path(tmp))
+        packaged = package(client, name, restored, folder)
+    return {"demoted": demoted, "champion": restored, "bento": packaged}
+
+
+def package(client, name: str, version: str, model_dir: Path, reuse_model: bool = False) -> dict:
+    """Import a registry version's files into the BentoML store and build its Bento.
+
+    With reuse_model, a model already imported for this registry version is used as is.
+    """
+    info = client.get_model_version(name, version)
+    tags = info.tags
+    labels = {
+        "registry_name": name,
+        "registry_version": str(version),
+        "alias": "champion",  # the Bento is only ever built for the champion
+        "git_commit": tags.get("segflow.git_commit", "unknown"),
+        "data_hash": tags.get("segflow.data_hash", "unknown"),
+    }
+    metadata = {"test_metrics": {k[5:]: float(v) for k, v in tags.items() if k.startswith("test_")}}
+    model_tag = (reuse_model and bento.find_model(name, version)) or bento.import_model(
+        model_dir, labels, metadata
+    )
+    bento_tag, dockerfile = bento.build_bento(model_tag, labels)
+    requirements = bento.bento_requirements(bento_tag)
+    return {
+        "model_tag": model_tag,
+        "bento_tag": bento_tag,
+        "dockerfile": str(dockerfile),
+        "size_bytes": bento.bento_size(bento_tag),
+        "requirements": requirements,
+    }
+
+
+def download_model(name: str, version: str, dest: Path) -> Path:
+    """Fetch a registered version's model.onnx, preprocessing.json (and reference.json) into `dest`."""
+    import shutil
+
+    import mlflow
+
+    from segflow.serve.monitoring import REFERENCE_FILE
+
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
+    )
+    for source in (local / "model.onnx", local / "extra_files" / "preprocessing.json"):
+        if not source.is_file():
+            raise StageError(f"registered {name} version {version} has no {source.name}; re-export it")
+        if source.parent != dest:
+            shutil.copyfile(source, dest / source.name)
+    reference = local / "extra_files" / REFERENCE_FILE  # absent in versions exported before drift
+    if reference.is_file() and reference.parent != dest:
+        shutil.copyfile(reference, dest / REFERENCE_FILE)
+    return dest
+
+
+def _gate_metrics(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k in GATE_METRICS}
+
+
+def _champion_metrics(client, holder, test_hash: str, params: Params) -> dict:
+    """The champion's scores on the current test split: from its tags, or re-measured.
+
+    Tags are used only when the champion was evaluated on exactly this test split; after a
+    data or split change it is re-evaluated through segflow.core.inference.
+    """
+    tags = holder.tags
+    if tags.get("segflow.test_hash") == test_hash:
+        metrics = {
+            k[5:]: float(v) for k, v in tags.items() if k.startswith("test_") and k[5:] in GATE_METRICS
+        }
+        return {"metrics": metrics, "source": "registry tags (same test split)"}
+    return {
+        "metrics": evaluate_version(holder.name, str(holder.version)),
+        "source": "re-evaluated on the current test split",
+    }
+
+
+def evaluate_version(name: str, version: str) -> dict[str, float]:
+    """Score a registered version on the current test split through segflow.core.inference."""
+    from segflow.core.inference import Segmenter
+    from segflow.data.samples import load_samples
+    from segflow.evaluate.scoring import score_split
+
+    test = load_samples(read_manifest(SPLIT / "test.csv"), CONVERTED)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = download_model(name, version, Path(tmp))
+        segmenter = Segmenter.from_onnx(folder / "model.onnx", folder / "preprocessing.json")
+        summary = score_split(segmenter, test, "test").summary
+    return _gate_metrics(summary)
+
+
+def describe(report: dict) -> str:
+    """A few lines for the terminal."""
+    decision = report["decision"]
+    candidate = report["candidate"]
+    lines = [f"candidate {candidate['name']} version {candidate['version']}"]
+    if report.get("champion"):
+        lines.append(f"champion  version {report['champion']['version']} ({report['champion']['source']})")
+    for check in decision["checks"]:
+        lines.append(f"  [{'ok' if check['passed'] else 'FAIL'}] {check['detail']}")
+    if report.get("already_champion"):
+        lines.append(f"version {candidate['version']} is already the champion: nothing to move")
+    elif decision["promote"]:
+        lines.append(f"PROMOTED: version {candidate['version']} is now 'champion'")
+    else:
+        lines.append("REFUSED: the champion is unchanged")
+    if decision["promote"] and report.get("bento"):
+        tag = report["bento"]["bento_tag"]
+        lines.append(f"bento: {tag} (serve it with `bentoml serve {tag}`)")
+        lines.append(f"  size {report['bento']['size_bytes'] / 1e6:.1f} MB with its model")
+        lines.append(f"  requirements: {', '.join(report['bento']['requirements'])}")
+        lines.append(f"  Dockerfile: {report['bento']['dockerfile']}")
+    return "\n".join(lines)

@@ -1,0 +1,277 @@
+"""MLflow: where runs go, how a model's runs are grouped, and the lineage every run carries.
+
+Layout in the store:
+- experiment `segflow-data`: one run per ingest / convert / split execution;
+- experiment `segflow`: one parent run per trained model (params, per-epoch curves, test
+  metrics, overlays, the ONNX model), with nested child runs `train`, `evaluate` and
+  `export` holding what each stage did. `mlflow ui` thus shows one comparable row per model.
+
+Nothing run-specific is written into DVC-tracked outputs (two clones reproduce identical
+files): evaluate and export find their model's parent run by the sha256 of the weights it
+produced (tag `segflow.model_sha256`), and promote finds the registered version of the
+exported file by its sha256 (tag `segflow.onnx_sha256`). A model restored from DVC's cache
+or a remote into another store simply starts a new parent run there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from segflow.paths import repo_root, store_root
+
+MODEL_EXPERIMENT = "segflow"
+DATA_EXPERIMENT = "segflow-data"
+MODEL_FILE = "model.pt"  # in artifacts/model: the weights whose hash names the parent run
+MODEL_KEY_TAG = "segflow.model_sha256"  # on a model's parent run
+ONNX_KEY_TAG = "segflow.onnx_sha256"  # on a registered version: the exported file it holds
+
+log = logging.getLogger(__name__)
+
+
+def default_uri() -> str:
+    """The embedded store: sqlite:///<repository>/mlflow.db."""
+    return f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the embedded store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def configure() -> str:
+    """Point mlflow at the project's store (call once per process, before logging)."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    return uri
+
+
+def use_experiment(name: str) -> str:
+    """Select (creating when missing) an experiment; returns its id.
+
+    With the embedded sqlite store, artifacts go to <repository>/mlartifacts/<name> so the
+    store and its artifacts sit side by side whatever the working directory. A tracking
+    server decides artifact locations itself.
+    """
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        # (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so compare, don't test the env.)
+        if tracking_uri() == default_uri():
+            location = (store_root() / "mlartifacts" / name).as_uri()
+        experiment_id = mlflow.create_experiment(name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def lineage_tags(stage: str, params_hash: str, data_hash: str | None) -> dict[str, str]:
+    """Tags that tie a run to the exact code, data and params that produced it."""
+    root = repo_root()
+    tags = {
+        "segflow.stage": stage,
+        "segflow.git_commit": _git(root, "rev-parse", "HEAD") or "unknown",
+        "segflow.git_dirty": str(bool(_git(root, "status", "--porcelain", "--untracked-files=no"))).lower(),
+        "segflow.params_hash": params_hash,
+        "segflow.data_hash": data_hash or "unknown",
+    }
+    # Set by DVC for stages run by `dvc exp run` (workspace, --temp and queued alike).
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        tags["segflow.dvc_experiment"] = exp_name
+        tags["mlflow.runName"] = exp_name
+    return tags
+
+
+def _git(root: Path, *args: str) -> str:
+    try:
+        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, tags: dict[str, str]) -> Iterator[object]:
+    """A standalone run in the data experiment (ingest, convert, split)."""
+    import mlflow
+
+    configure()
+    use_experiment(DATA_EXPERIMENT)
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def model_stage_run(stage: str, tags: dict[str, str], model_dir: Path, new_model: bool = False):
+    """Open the model's parent run and a nested child run for `stage`.
+
+    Args:
+        stage: train, evaluate, export or promote.
+        tags: lineage tags (set on the child; the parent gets them too when created).
+        model_dir: artifacts/model; the hash of its model.pt names the parent run.
+        new_model: train starts a new parent run (and tags it with tag_model_run once the
+            weights exist).
+
+    Yields:
+        (parent_run_id, child_run).
+    """
+    import mlflow
+
+    configure()
+    use_experiment(MODEL_EXPERIMENT)
+    parent_id = None if new_model else find_model_run(model_dir)
+    if parent_id is None:
+        run_name = tags.get("mlflow.runName") or f"model-{tags['segflow.params_hash'][:8]}"
+        parent_tags = {**tags, "segflow.stage": "model", "mlflow.runName": run_name}
+        if (model_dir / MODEL_FILE).is_file():
+            parent_tags[MODEL_KEY_TAG] = file_sha256(model_dir / MODEL_FILE)
+        with mlflow.start_run(run_name=run_name, tags=parent_tags) as parent:
+            parent_id = parent.info.run_id
+    with (
+        mlflow.start_run(run_id=parent_id),
+        mlflow.start_run(run_name=stage, nested=True, tags=tags) as child,
+    ):
+        yield parent_id, child
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (weights and ONNX files are a few MB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tag_model_run(parent_id: str, model_dir: Path) -> None:
+    """Record on the parent run which weights it produced (how later stages find it)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_tag(parent_id, MODEL_KEY_TAG, file_sha256(model_dir / MODEL_FILE))
+
+
+def find_model_run(model_dir: Path) -> str | None:
+    """The newest parent run in this store that produced model_dir's weights, if any."""
+    import mlflow
+
+    path = model_dir / MODEL_FILE
+    if not path.is_file():
+        return None
+    key = file_sha256(path)
+    runs = mlflow.search_runs(
+        experiment_names=[MODEL_EXPERIMENT],
+        filter_string=f"tags.`{MODEL_KEY_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs:
+        # The model came from DVC's cache or a remote, trained against another store (another
+        # machine, or a deleted mlflow.db): log to a fresh parent run instead.
+        log.info("model %s... has no run in %s; starting a new parent run", key[:12], tracking_uri())
+        return None
+    return runs[0].info.run_id
+
+
+def find_registered_version(client, name: str, onnx_path: Path) -> str | None:
+    """The newest registered version of `name` that holds exactly the file onnx_path, if any."""
+    key = file_sha256(onnx_path)
+    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(ONNX_KEY_TAG) == key]
+    return str(max(int(v.version) for v in versions)) if versions else None
+
+
+def log_to_parent(
+    parent_id: str, metrics: dict[str, float] | None = None, params: dict | None = None
+) -> None:
+    """Log metrics/params on the parent run (what the runs table compares)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for key, value in (metrics or {}).items():
+        client.log_metric(parent_id, key, float(value))
+    for key, value in (params or {}).items():
+        client.log_param(parent_id, key, value)
+
+
+def flatten(prefix: str, data: dict) -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"<prefix>a.b": 1}, for logging nested dicts as params/metrics."""
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(f"{name}.", value))
+        else:
+            flat[name] = value
+    return flat
+
+
+def register_onnx(
+    parent_id: str,
+    onnx_path: Path,
+    preprocessing_path: Path,
+    input_example,
+    registered_name: str,
+    version_tags: dict[str, str],
+    extra_files: tuple[Path, ...] = (),
+) -> dict:
+    """Log the ONNX model on the model's parent run and register it as `challenger`.
+
+    The model carries preprocessing.json (plus `extra_files`, e.g. the drift reference)
+    as extra files and the preprocessing in its metadata, so a registered version alone
+    is enough to serve it.
+
+    Returns:
+        {"name", "version", "alias", "model_uri", "run_id"}.
+    """
+    import mlflow
+    import numpy as np
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.tracking import MlflowClient
+    from mlflow.types import Schema, TensorSpec
+
+    prep = json.loads(preprocessing_path.read_text())
+    channels_out = 1 if len(prep["classes"]) == 2 else len(prep["classes"])  # binary: one logit
+    signature = ModelSignature(
+        inputs=Schema(
+            [TensorSpec(np.dtype("float32"), (-1, prep["in_channels"], -1, -1), prep["input_name"])]
+        ),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, channels_out, -1, -1), prep["output_name"])]),
+    )
+    with mlflow.start_run(run_id=parent_id):
+        info = mlflow.onnx.log_model(
+            onnx_model=onnx.load(str(onnx_path)),
+            name="model",
+            registered_model_name=registered_name,
+            signature=signature,
+            input_example=input_example,
+            extra_files=[str(preprocessing_path), *map(str, extra_files)],
+            metadata={"preprocessing": prep},
+            save_as_external_data=False,
+            onnx_execution_providers=["CPUExecutionProvider"],
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    client.set_registered_model_alias(registered_name, "challenger", version)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(registered_name, version, key, str(value))
+    return {
+        "name": registered_name,
+        "version": version,
+        "alias": "challenger",
+        "model_uri": f"models:/{registered_name}/{version}",
+        "run_id": parent_id,
+    }

@@ -1,0 +1,74 @@
+"""The service's settings: the `serve` section of params.yaml, and nothing else.
+
+A built Bento carries params.yaml but none of the training side, so the service validates
+only its own section here (pydantic, `extra="forbid"`, like segflow.config, which reuses
+this model for the whole file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from segflow.errors import UserError
+
+
+class SettingsError(UserError):
+    """The serve section of params.yaml is missing, unreadable or invalid."""
+
+
+UPLOAD_FORMATS = ("png", "jpeg", "tiff", "npy")
+UPLOAD_DTYPES = ("uint8", "uint16", "float32", "float64")
+
+
+class ServeParams(BaseModel):
+    """The service's limits and bookkeeping (read by service.py; travels in the Bento)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_upload_bytes: int = Field(32 * 2**20, ge=1024)
+    # The network sees tiles of inference.tile_size, so its memory is bounded anyway; this
+    # bounds what decoding, probabilities and post-processing hold for one image.
+    max_pixels: int = Field(2048 * 2048, ge=32 * 32)
+    max_batch_images: int = Field(16, ge=1)
+    formats: list[Literal["png", "jpeg", "tiff", "npy"]] = list(UPLOAD_FORMATS)
+    dtypes: list[Literal["uint8", "uint16", "float32", "float64"]] = list(UPLOAD_DTYPES)
+    model_batch_size: int = Field(4, ge=1)
+    threads: int = Field(0, ge=0)
+    request_log: str = "logs/requests.db"
+    stats_window: int = Field(1000, ge=1)
+    drift_min_images: int = Field(30, ge=2)
+
+
+def load_serve_params(path: str | Path) -> ServeParams:
+    """Read and validate only the `serve` section of a params.yaml.
+
+    Args:
+        path: the params file (the repository's, or the copy inside a Bento).
+
+    Returns:
+        The validated settings; defaults for every key the section leaves out.
+
+    Raises:
+        SettingsError: naming the file, each bad key (serve.<key>) and what is allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(
+            f"{path}: not found; set SEGFLOW_PARAMS to the params.yaml the service should read"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
+    section = raw.get("serve", {}) if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise SettingsError(f"{path}: `serve` must be a mapping of settings")
+    try:
+        return ServeParams.model_validate(section)
+    except ValidationError as exc:
+        problems = [f"serve.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise SettingsError(f"{path} is invalid:\n" + "\n".join(f"  - {p}" for p in problems)) from None

@@ -1,0 +1,75 @@
+"""Checkpoints: the trained network with the inference contract it was trained under, and
+the Segmenter that runs it through the same inference path as ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from segflow.core.inference import Preprocessing, Segmenter
+from segflow.errors import UserError
+from segflow.train.models import build_model
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: Path, model, spec: dict, prep: Preprocessing, **info) -> None:
+    """Write weights, the spec to rebuild the network and the preprocessing contract.
+
+    Args:
+        path: the checkpoint file (written beside, then renamed).
+        model: the network, or its state_dict.
+        spec, prep: what load_checkpoint rebuilds the network and its inference from.
+        info: extra entries (epoch, val_dice).
+    """
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "spec": spec,
+        "preprocessing": prep.to_dict(),
+        "state_dict": model if isinstance(model, dict) else model.state_dict(),
+        **info,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # never leave a half-written checkpoint behind
+
+
+def load_checkpoint(path: str | Path):
+    """Returns (model in eval mode, Preprocessing) from a checkpoint written by save_checkpoint."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint; run `dvc repro train` first")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: checkpoint format {payload.get('format')} is not supported")
+    model = build_model(payload["spec"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, Preprocessing.from_dict(payload["preprocessing"])
+
+
+def torch_segmenter(model, prep: Preprocessing, batch_size: int = 8) -> Segmenter:
+    """A Segmenter over a torch module (evaluation, the parity check, training's validation)."""
+    import torch
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            out = model(torch.from_numpy(batch)).float().numpy()
+        model.train(was_training)
+        return out
+
+    return Segmenter(run, prep, batch_size)
+
+
+def checkpoint_segmenter(path: str | Path, batch_size: int = 8) -> Segmenter:
+    """A Segmenter over a training checkpoint (artifacts/model/model.pt)."""
+    model, prep = load_checkpoint(path)
+    return torch_segmenter(model, prep, batch_size)

@@ -1,0 +1,316 @@
+"""The training loop: augmentations, Dice + BCE or cross-entropy loss, AdamW, best checkpoint by val Dice."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from segflow.config import Params
+from segflow.core.inference import Preprocessing, scale_intensity, semantic_mask, standardize
+from segflow.core.instances import interior_target
+from segflow.data.samples import Sample
+from segflow.evaluate.metrics import class_confusions, summarize_classes
+from segflow.runtime import offline_env
+from segflow.train.checkpoints import save_checkpoint, torch_segmenter
+from segflow.train.epochs import best_epoch, build_scheduler, deterministic_mode, seed_epoch, should_stop
+from segflow.train.models import build_model, model_spec
+from segflow.train.resume import ResumeFile, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def preprocessing_from(params: Params) -> Preprocessing:
+    """The inference contract implied by params (saved with every checkpoint)."""
+    base, infer = params.base, params.inference
+    return Preprocessing(
+        in_channels=base.in_channels,
+        mean=base.normalize.mean,
+        std=base.normalize.std,
+        pad_multiple=base.pad_multiple,
+        threshold=infer.threshold,
+        classes=list(base.classes),
+        scaling=base.intensity.scaling,
+        low=base.intensity.low,
+        high=base.intensity.high,
+        instances=params.instance_method(),
+        seed_threshold=infer.seed_threshold,
+        min_area=infer.min_area,
+        tile_size=infer.tile_size,
+        tile_overlap=infer.tile_overlap,
+    )
+
+
+def build_augmentations(params: Params):
+    """albumentations pipeline from params.train.augment (applied to uint8/uint16 images)."""
+    offline_env()
+    import albumentations as A
+
+    aug, crop = params.train.augment, params.train.crop_size
+    steps = []
+    if crop:
+        steps.append(A.RandomCrop(height=crop, width=crop, pad_if_needed=True))
+    steps += [
+        A.HorizontalFlip(p=aug.hflip),
+        A.VerticalFlip(p=aug.vflip),
+        A.RandomRotate90(p=aug.rotate90),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=aug.brightness_contrast),
+        A.GaussNoise(std_range=(0.01, 0.04), p=aug.gauss_noise),
+    ]
+    return A.Compose(steps, seed=params.base.seed)
+
+
+class _AugmentedDataset:
+    """Torch-style dataset: augment, then the same normalisation inference applies."""
+
+    def __init__(
+        self, samples: list[Sample], augment, prep: Preprocessing, interior_margin: int, repeats: int = 1
+    ):
+        self.samples, self.augment, self.prep, self.repeats = samples, augment, prep, repeats
+        # Interior targets come from whole images, so a crop's border is not taken for an edge.
+        self.labels = [_labels(s, prep, interior_margin) for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.repeats  # each repeat is another random crop
+
+    def __getitem__(self, i: int):
+        i %= len(self.samples)
+        s = self.samples[i]
+        # Intensities are scaled exactly as inference scales them, then augmented as floats.
+        out = self.augment(image=scale_intensity(s.image, self.prep), mask=self.labels[i])
+        x = standardize(out["image"], self.prep)  # (C, h, w) float32
+        return x, _target(out["mask"], len(self.prep.classes))
+
+
+def train_model(
+    params: Params,
+    train: list[Sample],
+    val: list[Sample],
+    checkpoint_path: Path,
+    on_epoch: Callable[[dict], None] | None = None,
+    resume_path: Path | None = None,
+) -> list[dict]:
+    """Train, keeping the checkpoint with the best validation Dice.
+
+    The learning rate follows train.schedule; train.early_stopping ends the run after that
+    many epochs without a better val Dice; train.deterministic selects deterministic kernels
+    (see segflow.train.epochs.deterministic_mode for what that guarantees on CPU). Each epoch
+    re-seeds its random streams from (base.seed, epoch), so a resumed run computes the same
+    epochs an uninterrupted one would.
+
+    Args:
+        params: validated params (train section and base used).
+        train, val: samples from load_samples.
+        checkpoint_path: where the best checkpoint is written.
+        on_epoch: called with each epoch's record (epoch, train_loss, val_loss, val_dice, ...),
+            first for the epochs restored from a resume state, so a new run logs whole curves.
+        resume_path: where a resume state is saved after every epoch (e.g.
+            artifacts/.resume/train.pt) and continued from if its fingerprint matches this
+            run; None trains from scratch without one. The caller deletes it
+            (segflow.train.resume.discard) once the outputs are safely in place.
+
+    Returns:
+        One record per epoch run, restored ones included; fewer than train.epochs when
+        early stopping ended the run.
+    """
+    with deterministic_mode(params.train.deterministic):
+        return _train(params, train, val, checkpoint_path, on_epoch, resume_path)
+
+
+def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[dict]:
+    """train_model's body (under the deterministic-mode setting)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    cfg = params.train
+    torch.manual_seed(params.base.seed)
+    prep = preprocessing_from(params)
+    spec = model_spec(params.base, cfg, interior=prep.instances == "watershed")
+    model = build_model(spec, cfg.encoder_weights)
+    loss_fn = _make_loss(cfg.dice_weight, len(params.base.classes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = max(1, -(-len(train) * cfg.crops_per_image // cfg.batch_size))  # per epoch
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.lr, cfg.epochs * batches)
+    loader = DataLoader(
+        _AugmentedDataset(train, build_augmentations(params), prep, cfg.interior_margin, cfg.crops_per_image),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(params.base.seed),
+        collate_fn=_collate,
+    )
+    # The best epoch so far, with a copy of its weights for the resume state.
+    history, best, best_at, best_weights = [], -1.0, 0, None
+    resume = None
+    if resume_path is not None:
+        run = fingerprint(params, prep.to_dict(), {"train": train, "val": val})
+        resume = ResumeFile(Path(resume_path), run)
+        state = resume.load()
+        if state is not None and _restore(state, model, optimizer, scheduler, resume):
+            history = state["history"]
+            best, best_at, best_weights = state["best_val_dice"], state["best_epoch"], state["best_weights"]
+            # The output folder was rebuilt empty: put the best checkpoint back.
+            save_checkpoint(checkpoint_path, best_weights, spec, prep, epoch=best_at, val_dice=best)
+            done = len(history)
+            where = f"from epoch {done + 1}" if done < cfg.epochs else f"after the last epoch {done}"
+            log.info(
+                "resuming %s/%s (%s): epochs 1-%s restored, best val Dice %.4f at epoch %s",
+                where, cfg.epochs, resume.path, done, best, best_at,
+            )  # fmt: skip
+            for record in history if on_epoch else ():
+                on_epoch(record)
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        if should_stop(history, cfg.early_stopping):
+            top = best_epoch(history)
+            log.info(
+                "early stopping after epoch %s/%s: no better val Dice for %s epoch(s) "
+                "(best %.4f at epoch %s)",
+                epoch - 1, cfg.epochs, cfg.early_stopping, top["val_dice"], top["epoch"],
+            )  # fmt: skip
+            break
+        seed_epoch(params.base.seed, epoch, loader.generator, loader.dataset.augment)
+        started = time.perf_counter()
+        model.train()
+        losses, lr = [], optimizer.param_groups[0]["lr"]
+        for x, y in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None):
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            lr = optimizer.param_groups[0]["lr"]  # what this step uses (the scheduler moves it next)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        val_loss, val_dice = _validate(model, prep, val, loss_fn, cfg.interior_margin)
+        record = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "val_loss": val_loss,
+            "val_dice": val_dice,
+            "lr": lr,  # the epoch's last step
+            "seconds": time.perf_counter() - started,
+        }
+        if val_dice > best:
+            best, best_at = val_dice, epoch
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            save_checkpoint(checkpoint_path, model, spec, prep, epoch=epoch, val_dice=val_dice)
+        record["best_val_dice"] = best
+        history.append(record)
+        log.info(
+            "epoch %3d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  (%.1fs)",
+            epoch, cfg.epochs, record["train_loss"], val_loss, val_dice, record["seconds"],
+        )  # fmt: skip
+        if resume is not None:  # before on_epoch: what is logged is never lost to a kill
+            resume.save(
+                {
+                    "epoch": epoch,
+                    "history": history,
+                    "best_val_dice": best,
+                    "best_epoch": best_at,
+                    # The model's own tensors when this epoch is the best: torch.save stores them once.
+                    "best_weights": model.state_dict() if best_at == epoch else best_weights,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                }
+            )
+        if on_epoch:
+            on_epoch(record)
+    return history
+
+
+def _restore(state: dict, model, optimizer, scheduler, resume: ResumeFile) -> bool:
+    """Load a matching resume state into the model, optimizer and scheduler; False (saying
+    why) if its weights do not fit the network."""
+    current = model.state_dict()
+    saved = state["model"]
+    if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in current):
+        resume.reject("its weights do not fit the network built from these params")
+        return False
+    model.load_state_dict(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return True
+
+
+def _labels(sample: Sample, prep: Preprocessing, interior_margin: int) -> np.ndarray:
+    """What a sample teaches: (H, W) uint8 class ids, or (H, W, 2) class ids + interior for watershed."""
+    if prep.instances != "watershed":
+        return sample.mask
+    if sample.instances is None:
+        raise ValueError(
+            f"{sample.id}: inference.instances is watershed but the dataset has no instance ids; "
+            "use instance masks (ingest.mask_kind: instance, or COCO) or set inference.instances: components"
+        )
+    return np.dstack([sample.mask, interior_target(sample.instances, interior_margin)])
+
+
+def _target(labels: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """Labels from `_labels` -> loss targets.
+
+    Returns:
+        "semantic": (1, h, w) float32 foreground (two classes) or (h, w) int64 class ids;
+        "interior" (watershed only): (1, h, w) float32.
+    """
+    mask = labels[..., 0] if labels.ndim == 3 else labels
+    target = {"semantic": (mask > 0).astype(np.float32)[None] if n_classes == 2 else mask.astype(np.int64)}
+    if labels.ndim == 3:
+        target["interior"] = labels[..., 1].astype(np.float32)[None]
+    return target
+
+
+def _collate(batch):
+    import torch
+
+    xs, ys = zip(*batch, strict=True)
+    return torch.from_numpy(np.stack(xs)), {k: torch.from_numpy(np.stack([y[k] for y in ys])) for k in ys[0]}
+
+
+def _make_loss(dice_weight: float, n_classes: int):
+    """Dice + BCE on one foreground logit (two classes), Dice + cross-entropy over K logits otherwise;
+    plus Dice + BCE on the interior logit (the last channel) when the targets have one."""
+    import torch
+    from segmentation_models_pytorch.losses import DiceLoss
+
+    binary_dice, bce = DiceLoss(mode="binary", from_logits=True), torch.nn.BCEWithLogitsLoss()
+    if n_classes == 2:
+        dice, pixelwise = binary_dice, bce
+    else:
+        dice, pixelwise = DiceLoss(mode="multiclass", from_logits=True), torch.nn.CrossEntropyLoss()
+    n_semantic = 1 if n_classes == 2 else n_classes
+
+    def mixed(dice_loss, pixel_loss, logits, target):
+        return dice_weight * dice_loss(logits, target) + (1 - dice_weight) * pixel_loss(logits, target)
+
+    def loss(logits, target: dict):
+        total = mixed(dice, pixelwise, logits[:, :n_semantic], target["semantic"])
+        if "interior" in target:  # the watershed's seeds: one more binary task on the last channel
+            total = total + mixed(binary_dice, bce, logits[:, n_semantic:], target["interior"])
+        return total
+
+    return loss
+
+
+def _validate(
+    model, prep: Preprocessing, val: list[Sample], loss_fn, interior_margin: int
+) -> tuple[float, float]:
+    """Validation through the inference path, on whole images (no augmentation).
+
+    Returns:
+        (mean loss, Dice at the default 0.5 threshold, averaged over foreground classes).
+    """
+    import torch
+
+    segmenter = torch_segmenter(model, prep)
+    n_classes = len(prep.classes)
+    n_semantic = 1 if n_classes == 2 else n_classes
+    counts, losses = [], []
+    for s, logit in zip(val, segmenter.logits([s.image for s in val]), strict=True):
+        target = _target(_labels(s, prep, interior_margin), n_classes)
+        target = {k: torch.from_numpy(v)[None] for k, v in target.items()}
+        losses.append(loss_fn(torch.from_numpy(logit)[None], target).item())
+        _, pred = semantic_mask(logit[:n_semantic], threshold=0.5)
+        counts.append(class_confusions(pred, s.mask, n_classes))
+    return float(np.mean(losses)), summarize_classes(counts, list(prep.classes))["dice"]

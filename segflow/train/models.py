@@ -1,0 +1,112 @@
+"""Model construction over segmentation_models_pytorch.
+
+Importing this module is cheap; torch and smp load when a model is built or the
+registries are listed.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from segflow.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from segflow.config import BaseParams, TrainParams
+
+
+@cache
+def architecture_names() -> list[str]:
+    """Architectures segmentation_models_pytorch can build (for config validation)."""
+    import segmentation_models_pytorch as smp
+
+    return sorted(cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values())
+
+
+@cache
+def encoder_names() -> list[str]:
+    """Encoders segmentation_models_pytorch knows by name."""
+    from segmentation_models_pytorch.encoders import get_encoder_names
+
+    return sorted(get_encoder_names())
+
+
+def output_channels(base: BaseParams, interior: bool = False) -> int:
+    """Binary models have one logit channel (sigmoid); K-class models K (softmax).
+
+    A model that separates touching objects by watershed has one more: P(interior) logits.
+    """
+    return (1 if len(base.classes) == 2 else len(base.classes)) + int(interior)
+
+
+def model_spec(base: BaseParams, train: TrainParams, interior: bool = False) -> dict:
+    """Everything needed to rebuild the network, saved beside its weights."""
+    spec = {
+        "architecture": train.architecture,
+        "encoder": train.encoder,
+        "in_channels": base.in_channels,
+        "classes": output_channels(base, interior),
+    }
+    if train.architecture in {"Unet", "UnetPlusPlus", "MAnet"}:
+        spec["decoder_channels"] = list(train.decoder_channels)
+    return spec
+
+
+def build_model(spec: dict, encoder_weights: str | None = None) -> torch.nn.Module:
+    """Build a network from a `model_spec` dict.
+
+    Args:
+        spec: architecture, encoder, in_channels, classes and optional decoder_channels.
+        encoder_weights: None for random init, or a local weights file for the encoder.
+
+    Returns:
+        The torch module, producing (N, classes, H, W) float32 logits.
+    """
+    import segmentation_models_pytorch as smp
+
+    spec = dict(spec)
+    encoder = spec.pop("encoder")
+    in_channels = spec.pop("in_channels")
+    model = smp.create_model(
+        arch=spec.pop("architecture"),
+        encoder_name=encoder,
+        encoder_weights=None,  # never let smp download; local weights load below
+        # Pretrained encoder weights are RGB: load them into 3 channels, then adapt.
+        in_channels=3 if encoder_weights else in_channels,
+        **spec,
+    )
+    if encoder_weights:
+        _load_encoder_weights(model.encoder, Path(encoder_weights), encoder)
+        if in_channels != 3:
+            model.encoder.set_in_channels(in_channels, pretrained=True)
+    return model
+
+
+def _load_encoder_weights(module, path: Path, encoder: str) -> None:
+    """Load the tensors of a weights file that fit the encoder (by name and shape)."""
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"train.encoder_weights: {path} does not exist; download the weights file "
+            "first or set encoder_weights: null"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = module.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not usable:
+        raise UserError(
+            f"train.encoder_weights: no tensor in {path} fits encoder {encoder!r} "
+            "(names or shapes differ); is it the weights file for this encoder?"
+        )
+    # torch's own loader: some smp encoders override load_state_dict and drop strict=False.
+    torch.nn.Module.load_state_dict(module, usable, strict=False)

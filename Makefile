@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export BENTOML_DO_NOT_TRACK ?= True
 
-.PHONY: help setup data run test test-fast lint format mlflow serve docs-images clean
+.PHONY: help setup data run test test-fast test-slow lint format mlflow serve docs-images clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,8 +43,11 @@ run: data ## run the pipeline: dvc repro (cached; only what changed re-runs)
 test: setup ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q
 
-test-fast: setup ## run the tests not marked slow
+test-fast: setup ## run the tests not marked slow (CI's fast job)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup ## run only the end-to-end tests marked slow (CI's end-to-end job)
+	$(BIN)/python -m pytest -q -m slow
 
 lint: setup ## ruff lint and format check; import-linter: what ships imports nothing that trains
 	$(BIN)/ruff check .

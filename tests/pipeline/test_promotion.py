@@ -1,21 +1,19 @@
-"""The promotion gate end to end: real dvc stages, MLflow registry, BentoML store and server."""
+"""The promotion gate end to end: real dvc stages, MLflow registry and BentoML store.
+
+The built Bento served from its own environment, outside the checkout, is
+tests/service/test_shipped_bento.py.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from segflow.release.bento import FORBIDDEN_REQUIREMENTS
-from tests.conftest import BIN, run
+from tests.conftest import run
 
 pytestmark = pytest.mark.slow
 
@@ -138,66 +136,3 @@ def test_service_limit_change_rebuilds_the_bento_on_the_same_model(repo_copy: Pa
         repo_copy / ".bentoml" / "bentos" / name / version / "src" / "params.yaml"
     )  # BENTOML_HOME's layout
     assert yaml.safe_load(shipped.read_text())["serve"]["max_pixels"] == 1_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post_file(url: str, field: str, path: Path) -> tuple[int, bytes]:
-    boundary = "segflowtestboundary"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{path.name}"\r\n'
-            f"Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + path.read_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    request = urllib.request.Request(
-        url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.status, response.read()
-
-
-def test_bento_serves_the_champion_from_outside_the_repository(built_repo: Path, tmp_path: Path):
-    from PIL import Image
-
-    from segflow.core.images import read_image
-    from segflow.core.inference import Segmenter
-
-    bento_tag = _report(built_repo)["bento"]["bento_tag"]
-    port = _free_port()
-    env = {**os.environ, "BENTOML_HOME": str(built_repo / ".bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
-    server = subprocess.Popen(
-        [str(BIN / "bentoml"), "serve", bento_tag, "--port", str(port), "--host", "127.0.0.1"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-            assert server.poll() is None, server.stdout.read()
-        image_path = sorted((built_repo / "data/images").iterdir())[0]
-        status, body = _post_file(f"http://127.0.0.1:{port}/segment_mask", "image", image_path)
-        assert status == 200
-        served = np.asarray(Image.open(__import__("io").BytesIO(body)))
-        expected = Segmenter.from_onnx(
-            built_repo / "artifacts/export/model.onnx", built_repo / "artifacts/export/preprocessing.json"
-        ).predict_one(read_image(image_path))
-        assert served.shape == expected.mask.shape
-        assert np.array_equal(served, expected.mask)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()

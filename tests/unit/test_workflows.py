@@ -44,7 +44,14 @@ def test_the_validator_rejects_a_broken_workflow(tmp_path: Path):
 def test_ci_runs_the_readme_test_command_and_promote_is_strict():
     ci = yaml.safe_load((ROOT / ".github/workflows/ci.yml").read_text())
     promote = yaml.safe_load((ROOT / ".github/workflows/promote.yml").read_text())
-    ci_steps = [s.get("run", "") for s in ci["jobs"]["test"]["steps"]]
-    assert "make test" in ci_steps and "make lint" in ci_steps
+    fast = [s.get("run", "") for s in ci["jobs"]["fast"]["steps"]]
+    end_to_end = [s.get("run", "") for s in ci["jobs"]["end-to-end"]["steps"]]
+    assert "make lint" in fast and "make test-fast" in fast
+    assert "make test-slow" in end_to_end  # together: everything `make test` runs
     promote_runs = " ".join(s.get("run", "") for s in promote["jobs"]["promote"]["steps"])
     assert "segflow promote --strict" in promote_runs and "bentoml containerize" in promote_runs
+    # The container is started and answers before it is pushed.
+    steps = [s.get("name", "") for s in promote["jobs"]["promote"]["steps"]]
+    smoke = next(i for i, n in enumerate(steps) if n.startswith("Smoke-test the container"))
+    assert smoke < steps.index("Push")
+    assert "/readyz" in promote_runs and "/segment" in promote_runs

@@ -92,7 +92,11 @@ def test_refusals_name_the_problem(make_client):
         "too large": (client.post("/segment", files={"image": ("big.png", PNG * 40)}), 413, "bytes"),
         "not multipart": (client.post("/segment", content=PNG), 415, "multipart/form-data"),
         "wrong field": (client.post("/segment", files={"file": ("c.png", PNG)}), 400, "no field 'image'"),
-        "text field": (client.post("/segment", files={"image": (None, "/etc/passwd")}), 400, "must be a file"),
+        "text field": (
+            client.post("/segment", files={"image": (None, "/etc/passwd")}),
+            400,
+            "must be a file",
+        ),
         "two images": (
             client.post("/segment", files=[("image", ("a.png", PNG)), ("image", ("b.png", PNG))]),
             400,

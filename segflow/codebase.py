@@ -87,6 +87,8 @@ def closure_files(name: str, root: Path | None = None) -> list[str]:
     files = []
     for module in import_closure(name, root):
         path = module_file(module, root)
+        if path is None:  # not in this installation (service.py ships beside, not inside, the package)
+            continue
         if path.name == "__init__.py" and not path.read_text().strip():
             continue
         files.append(path.relative_to(root).as_posix())

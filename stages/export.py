@@ -12,7 +12,6 @@ from segflow.artifacts import (
     MODEL,
     REPORTS,
     SPLIT,
-    StageError,
     data_hash,
     read_json,
     read_manifest,
@@ -24,7 +23,7 @@ from segflow.config import load_params
 from segflow.core.inference import Segmenter, normalize
 from segflow.data.samples import load_samples
 from segflow.release import tracking
-from segflow.release.export import ParityError, check_parity, export_onnx
+from segflow.release.export import check_parity, export_onnx
 from segflow.runtime import set_threads
 from segflow.serve.monitoring import REFERENCE_FILE, profile_model
 from segflow.train.checkpoints import load_checkpoint, torch_segmenter
@@ -43,18 +42,12 @@ def main() -> None:
     with replace_dir(EXPORT) as out:
         export_onnx(model, prep, out / "model.onnx", cfg.opset, cfg.ir_version)
         prep.save(out / "preprocessing.json")
-        try:
-            parity = check_parity(
-                torch_segmenter(model, prep),
-                Segmenter.from_onnx(out / "model.onnx", prep),
-                [s.image for s in test],
-                cfg.parity_atol,
-            )
-        except ParityError as exc:
-            raise StageError(str(exc)) from None
+        onnx = Segmenter.from_onnx(out / "model.onnx", prep)
+        # A ParityError (a UserError) stops the stage with its message, before registration.
+        parity = check_parity(torch_segmenter(model, prep), onnx, [s.image for s in test], cfg.parity_atol)
         write_json(out / "parity.json", parity)
         # What the service's drift signal compares live traffic with (training images).
-        profile = profile_model(Segmenter.from_onnx(out / "model.onnx", prep), [s.image for s in train])
+        profile = profile_model(onnx, [s.image for s in train])
         write_json(out / REFERENCE_FILE, profile)
         print(
             f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images"
@@ -67,12 +60,7 @@ def main() -> None:
             mlflow.log_metrics({"parity_max_abs_diff": parity["max_abs_diff"]})
             mlflow.log_dict(parity, "parity.json")
         example = normalize(test[0].image, prep)[None, :, :64, :64]  # (1, C, 64, 64) float32
-        version_tags = {
-            **tags,
-            "segflow.stage": "export",
-            tracking.ONNX_KEY_TAG: tracking.file_sha256(out / "model.onnx"),
-            "segflow.test_hash": read_json(SPLIT / "summary.json")["test_hash"],
-        }
+        version_tags = {**tags, "segflow.test_hash": read_json(SPLIT / "summary.json")["test_hash"]}
         version_tags |= {f"test_{k}": v for k, v in metrics["test"].items()}
         registration = tracking.register_onnx(
             parent_id,

@@ -24,7 +24,7 @@ from segflow.config import load_params
 from segflow.data.samples import load_samples
 from segflow.release import tracking
 from segflow.runtime import set_threads
-from segflow.train.epochs import run_summary
+from segflow.train.epochs import run_summary, train_seconds, without_timings
 from segflow.train.loop import train_model
 from segflow.train.resume import discard
 
@@ -43,46 +43,38 @@ def main() -> None:
 
     with replace_dir(MODEL) as out, tracking.model_stage_run("train", tags, out, new_model=True) as runs:
         parent_id, _ = runs
-        summary = _fit_and_log(params, train, val, out, parent_id)
+        summary, seconds = _fit_and_log(params, train, val, out, parent_id)
     discard(RESUME)  # the model is in place: nothing left to resume
     print(
         f"train: best val Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']} "
-        f"({summary['epochs_run']} epochs, {summary['train_seconds'] / 60:.1f} min)"
+        f"({summary['epochs_run']} epochs, {seconds / 60:.1f} min)"
     )
 
 
-def _fit_and_log(params, train, val, out, parent_id: str) -> dict:
+def _fit_and_log(params, train, val, out, parent_id: str) -> tuple[dict, float]:
     """Train into `out`, logging params and per-epoch curves on the child and parent runs.
 
     Returns:
-        The training summary (best epoch and val Dice, epochs run, seconds).
+        The training summary (best epoch and val Dice, epochs run) and the seconds it took.
     """
     import mlflow
 
     logged = tracking.flatten("", params.model_dump(mode="json", exclude={"ingest", "convert"}))
     mlflow.log_params(logged)
     tracking.log_to_parent(parent_id, params=logged)
-    client = mlflow.tracking.MlflowClient()
-
-    def log_epoch(record: dict) -> None:
-        metrics = {k: v for k, v in record.items() if k != "epoch"}
-        mlflow.log_metrics(metrics, step=record["epoch"])  # the train run
-        for key, value in metrics.items():  # the model's row shows the curves too
-            client.log_metric(parent_id, key, value, step=record["epoch"])
-
-    history = train_model(params, train, val, out / "model.pt", on_epoch=log_epoch, resume_path=RESUME)
+    on_epoch = tracking.epoch_logger(parent_id)
+    history = train_model(params, train, val, out / "model.pt", on_epoch=on_epoch, resume_path=RESUME)
     tracking.tag_model_run(parent_id, out)
+    mlflow.log_metric("train_seconds", train_seconds(history))
+    write_json(out / "history.json", without_timings(history))
     summary = run_summary(history, params.train.epochs) | {"data_hash": data_hash(SPLIT)}
-    mlflow.log_metric("train_seconds", summary["train_seconds"])
-    # What DVC tracks holds no timings: the same data, params and code give the same files.
-    write_json(out / "history.json", [{k: v for k, v in r.items() if k != "seconds"} for r in history])
-    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "train_seconds"})
+    write_json(out / "summary.json", summary)
     columns = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
     write_csv(
         CURVES, [{k: round(r[k], 6) if isinstance(r[k], float) else r[k] for k in columns} for r in history]
     )
     mlflow.log_artifact(str(CURVES), "plots")
-    return summary
+    return summary, train_seconds(history)
 
 
 if __name__ == "__main__":

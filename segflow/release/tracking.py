@@ -193,6 +193,22 @@ def find_registered_version(client, name: str, onnx_path: Path) -> str | None:
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
+def epoch_logger(parent_id: str):
+    """A training `on_epoch` callback: each epoch's record on the train run and the model's row."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+
+    def log_epoch(record: dict) -> None:
+        metrics = {k: v for k, v in record.items() if k != "epoch"}
+        mlflow.log_metrics(metrics, step=record["epoch"])  # the active (train) run
+        for key, value in metrics.items():  # the model's row shows the curves too
+            client.log_metric(parent_id, key, value, step=record["epoch"])
+
+    return log_epoch
+
+
 def log_to_parent(
     parent_id: str, metrics: dict[str, float] | None = None, params: dict | None = None
 ) -> None:
@@ -266,7 +282,8 @@ def register_onnx(
     version = str(info.registered_model_version)
     client = MlflowClient()
     client.set_registered_model_alias(registered_name, "challenger", version)
-    for key, value in version_tags.items():
+    # The file's hash is how promote finds this version again (no version number in DVC's outputs).
+    for key, value in {**version_tags, ONNX_KEY_TAG: file_sha256(onnx_path)}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
     return {
         "name": registered_name,

@@ -120,12 +120,25 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
 
 
 def run_summary(history: list[dict], planned_epochs: int) -> dict:
-    """What a finished training run amounts to (artifacts/model/summary.json, without data_hash)."""
+    """What a finished training run amounts to (artifacts/model/summary.json, without data_hash).
+
+    Timings stay out (see without_timings): DVC tracks this file, and the same data, params
+    and code must give the same bytes.
+    """
     best = best_epoch(history)  # the epoch whose weights model.pt holds
     return {
         "best_epoch": best["epoch"],
         "best_val_dice": best["val_dice"],
         "epochs_run": len(history),
         "stopped_early": len(history) < planned_epochs,
-        "train_seconds": round(sum(r["seconds"] for r in history), 1),  # epochs and validation
     }
+
+
+def train_seconds(history: list[dict]) -> float:
+    """Seconds spent in epochs and validation (for MLflow and the terminal, not for DVC)."""
+    return round(sum(r["seconds"] for r in history), 1)
+
+
+def without_timings(history: list[dict]) -> list[dict]:
+    """Epoch records as DVC tracks them (artifacts/model/history.json): no wall-clock times."""
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]

@@ -149,7 +149,7 @@ def _open_model(ref: str):
         bentoml = load_bentoml()
         try:
             stored = bentoml.models.get(ref)
-        except bentoml.exceptions.NotFound:
+        except (bentoml.exceptions.NotFound, ValueError):  # ValueError: not even a valid tag
             raise FileNotFoundError(
                 f"no model {ref!r} in the BentoML store; run `dvc repro` (promotion imports the "
                 "champion) or pass --model artifacts/export"

@@ -45,7 +45,11 @@ def configure_logging() -> None:
     DEBUG adds what is only useful when reporting a bug.
     """
     logger = logging.getLogger("segflow")
-    logger.setLevel(os.environ.get("SEGFLOW_LOG_LEVEL", "INFO").upper())
+    level = os.environ.get("SEGFLOW_LOG_LEVEL", "INFO").upper()
+    if level not in logging.getLevelNamesMapping():
+        logger.warning("SEGFLOW_LOG_LEVEL=%s is not a level (DEBUG, INFO, WARNING, ERROR); using INFO", level)
+        level = "INFO"
+    logger.setLevel(level)
     if not any(getattr(h, "_segflow", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))

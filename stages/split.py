@@ -15,6 +15,7 @@ from segflow.artifacts import (
 )
 from segflow.config import load_params
 from segflow.data.splits import SPLITS, assign_from_file, assign_splits, check_leakage, group_keys, split_hash
+from segflow.errors import UserError
 from segflow.paths import repo_root
 from segflow.release import tracking
 
@@ -33,7 +34,7 @@ def main() -> None:
             manifest["split"] = assign_splits(manifest, ratios, params.base.seed, "group", stratify)
         frames = {name: manifest[manifest["split"] == name].drop(columns="split") for name in SPLITS}
         check_leakage(frames, ("id", "content_hash", "group"))
-    except ValueError as exc:  # too few images for the ratios, a bad grouping or split file, or leakage
+    except UserError as exc:  # too few images for the ratios, a bad grouping or split file, or leakage
         raise StageError(f"split: {exc} (see params.yaml `split` and `ingest.min_images`)") from None
     counts = {name: len(frame) for name, frame in frames.items()}
     with replace_dir(SPLIT) as out:

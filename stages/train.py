@@ -65,7 +65,7 @@ def _fit_and_log(params, train, val, out, parent_id: str) -> tuple[dict, float]:
     on_epoch = tracking.epoch_logger(parent_id)
     history = train_model(params, train, val, out / "model.pt", on_epoch=on_epoch, resume_path=RESUME)
     tracking.tag_model_run(parent_id, out)
-    mlflow.log_metric("train_seconds", train_seconds(history))
+    tracking.log_to_parent(parent_id, metrics={"train_seconds": train_seconds(history)})  # the model's row
     write_json(out / "history.json", without_timings(history))
     summary = run_summary(history, params.train.epochs) | {"data_hash": data_hash(SPLIT)}
     write_json(out / "summary.json", summary)

@@ -99,8 +99,6 @@ def tiled_logits(
     Raises:
         ValueError: tile_size is not a multiple of `multiple`, or overlap is too large.
     """
-    from segflow.core.tiling import pad_to_multiple  # lazily: segflow.core.inference imports this module
-
     check_tiling(tile_size, overlap, multiple)
     # One job per model input: (image index, top, left, tile height, tile width). A side no
     # longer than tile_size is one tile of the whole side, padded to `multiple` when run.

@@ -1,7 +1,8 @@
 """Packaging the champion for serving: BentoML model store, Bento build, container context.
 
-The Bento holds only what serving needs (ONNX Runtime, NumPy, Pillow and the inference
-module); training, tracking and pipeline libraries stay out of it (see bentofile.yaml).
+The Bento holds only what serving needs: segflow/core and segflow/serve with ONNX Runtime,
+NumPy, OpenCV, scikit-image and Pillow; training, tracking and pipeline libraries stay out of
+it (bentofile.yaml; tests/unit/test_boundaries.py checks both).
 """
 
 from __future__ import annotations

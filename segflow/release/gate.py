@@ -3,7 +3,8 @@
 A candidate becomes champion only when it passes every absolute minimum AND is not worse
 than the current champion, on the same test split, by more than the allowed regression.
 With no champion yet, only the minimums apply. `decide` does no I/O; the step around it
-(segflow.registry / stages.promote) gathers the numbers and acts on the Decision.
+(segflow.release.promote, run by stages.promote and `segflow promote`) gathers the
+numbers and acts on the Decision.
 """
 
 from __future__ import annotations

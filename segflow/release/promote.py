@@ -38,8 +38,9 @@ def promote(params: Params) -> dict:
 
     Returns:
         The full report: what reports/promotion.json holds (decision, checks, the candidate's
-        and champion's metrics and file hashes) plus the registry versions and the Bento,
-        which go to logs/release.json.
+        and champion's metrics and ONNX hashes) plus the registry versions and the Bento,
+        which go to logs/release.json. Given the same data, code and registry state (a fresh
+        clone has none), reports/promotion.json has the same bytes.
     """
     import mlflow
 
@@ -47,15 +48,20 @@ def promote(params: Params) -> dict:
     client = mlflow.tracking.MlflowClient()
     name = params.export.registered_model_name
     version = _candidate_version(client, name)
+    onnx_sha256 = tracking.file_sha256(EXPORT / "model.onnx")
     candidate = _gate_metrics(read_json(REPORTS / "metrics.json")["test"])
     test_hash = read_json(SPLIT / "summary.json")["test_hash"]
 
     holder = version_with_alias(client, name, CHAMPION)
+    if holder is not None and holder.tags.get(tracking.ONNX_KEY_TAG) == onnx_sha256:
+        # Deterministic training re-exports the same file as a new version after a code edit
+        # that changes nothing: the champion already holds this model, so nothing moves.
+        version = str(holder.version)
     champion = None
     if holder is not None and str(holder.version) != version:
         champion = {
             "version": str(holder.version),
-            "model_sha256": holder.tags.get(tracking.ONNX_KEY_TAG),
+            "onnx_sha256": holder.tags.get(tracking.ONNX_KEY_TAG),
             **_champion_metrics(client, holder, test_hash, params),
         }
     cfg = params.promote
@@ -65,7 +71,7 @@ def promote(params: Params) -> dict:
         "candidate": {
             "name": name,
             "version": version,
-            "model_sha256": tracking.file_sha256(EXPORT / "model.onnx"),
+            "onnx_sha256": onnx_sha256,
             "metrics": candidate,
         },
         "champion": champion,
@@ -106,7 +112,7 @@ def _candidate_version(client, name: str) -> str:
         raise StageError(
             f"{EXPORT / 'model.onnx'} is not registered as a version of {name} in "
             f"{tracking.tracking_uri()} (it came from DVC's cache or a remote, not from an export "
-            "into this store); register it with `dvc repro --force export`"
+            "into this store); register it with `dvc repro --force --single-item export`"
         )
     return version
 
@@ -129,14 +135,13 @@ def rollback(params: Params) -> dict:
     tracking.configure()
     client = mlflow.tracking.MlflowClient()
     name = params.export.registered_model_name
-    try:
-        demoted, restored = roll_back_champion(client, name)
-    except ValueError as exc:
-        raise StageError(str(exc)) from None
+    demoted, restored = roll_back_champion(client, name)  # UserError when there is nothing to restore
     with tempfile.TemporaryDirectory() as tmp:
         folder = download_model(name, restored, Path(tmp))
         packaged = package(client, name, restored, folder)
-    return {"demoted": demoted, "champion": restored, "bento": packaged}
+    record = {"rollback": True, "demoted": demoted, "champion": restored, "bento": packaged}
+    write_json(RELEASE_RECORD, record)  # what is served now, as after a promotion
+    return record
 
 
 def package(client, name: str, version: str, model_dir: Path, reuse_model: bool = False) -> dict:

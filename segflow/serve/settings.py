@@ -64,9 +64,11 @@ def load_serve_params(path: str | Path) -> ServeParams:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
-    section = raw.get("serve", {}) if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a YAML mapping of sections, got {type(raw).__name__}")
+    section = raw.get("serve") or {}
     if not isinstance(section, dict):
-        raise SettingsError(f"{path}: `serve` must be a mapping of settings")
+        raise SettingsError(f"{path}: `serve` must be a mapping of settings, got {type(section).__name__}")
     try:
         return ServeParams.model_validate(section)
     except ValidationError as exc:

@@ -13,6 +13,7 @@ from segflow.config import Params
 from segflow.core.inference import Preprocessing, scale_intensity, semantic_mask, standardize
 from segflow.core.instances import interior_target
 from segflow.data.samples import Sample
+from segflow.errors import UserError
 from segflow.evaluate.metrics import class_confusions, summarize_classes
 from segflow.runtime import offline_env
 from segflow.train.checkpoints import save_checkpoint, torch_segmenter
@@ -240,7 +241,7 @@ def _labels(sample: Sample, prep: Preprocessing, interior_margin: int) -> np.nda
     if prep.instances != "watershed":
         return sample.mask
     if sample.instances is None:
-        raise ValueError(
+        raise UserError(
             f"{sample.id}: inference.instances is watershed but the dataset has no instance ids; "
             "use instance masks (ingest.mask_kind: instance, or COCO) or set inference.instances: components"
         )

@@ -6,6 +6,7 @@ tests/service/test_shipped_bento.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def test_first_model_becomes_champion_with_a_slim_labelled_bento(built_repo: Pat
     tracked = _decision(built_repo)
     assert tracked["decision"] == report["decision"] and "bento" not in tracked
     assert "version" not in tracked["candidate"]
-    assert len(tracked["candidate"]["model_sha256"]) == 64
+    onnx = (built_repo / "artifacts/export/model.onnx").read_bytes()
+    assert tracked["candidate"]["onnx_sha256"] == hashlib.sha256(onnx).hexdigest()
 
     packaged = report["bento"]
     requirements = " ".join(packaged["requirements"]).lower()
@@ -116,6 +118,7 @@ def test_new_champion_then_rollback_restores_the_previous_one(repo_copy: Path):
     bento_tag = result.stdout.strip().splitlines()[-1].split("bento: ")[1]
     bento = json.loads(run(["bentoml", "get", bento_tag, "-o", "json"], repo_copy).stdout)
     assert bento["labels"]["registry_version"] == "1"
+    assert _report(repo_copy)["bento"]["bento_tag"] == bento_tag  # the release record follows
 
 
 def test_service_limit_change_rebuilds_the_bento_on_the_same_model(repo_copy: Path):

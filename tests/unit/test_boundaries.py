@@ -9,6 +9,7 @@ check that the Bento's includes cover service.py's whole import closure.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from pathlib import Path
 import yaml
 
 from segflow.codebase import closure_files
-from segflow.train.resume import code_files
 
 ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
@@ -85,8 +85,58 @@ def test_service_imports_only_serving_libraries():
     assert external <= SERVING_LIBRARIES, f"service.py imports {sorted(external - SERVING_LIBRARIES)}"
 
 
-def test_resume_fingerprint_covers_the_training_closure():
-    files = code_files()
+# The import names of what service.py's closure uses -> the distributions that provide them.
+DISTRIBUTIONS = {
+    "bentoml": "bentoml",  # added by `bentoml build` itself
+    "cv2": "opencv-python-headless",
+    "numpy": "numpy",
+    "onnxruntime": "onnxruntime",
+    "PIL": "pillow",
+    "pydantic": "pydantic",
+    "scipy": "scipy",
+    "skimage": "scikit-image",
+    "starlette": "bentoml",  # BentoML's own server stack
+    "tifffile": "tifffile",
+    "yaml": "pyyaml",
+}
+
+
+def _third_party(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names - STDLIB - {"segflow", "service"}
+
+
+def test_everything_the_shipped_code_imports_is_in_the_bento_requirements():
+    # import-linter forbids the training side; this is the other half: whatever core, serve
+    # and service.py do import must be installed in the Bento, or it dies at startup.
+    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    listed = {re.split(r"[=<>!~ ]", p, maxsplit=1)[0].lower() for p in bentofile["python"]["packages"]}
+    listed.add("bentoml")
+    imported = set().union(*(_third_party(ROOT / f) for f in closure_files("service")))
+    unknown = sorted(imported - set(DISTRIBUTIONS))
+    assert not unknown, f"shipped code imports {unknown}: add them to bentofile.yaml and DISTRIBUTIONS here"
+    missing = sorted({DISTRIBUTIONS[name] for name in imported} - listed)
+    assert not missing, f"bentofile.yaml python.packages lacks {missing}"
+
+
+def test_resume_fingerprint_follows_every_file_of_the_training_closure(tmp_path: Path, monkeypatch):
+    from segflow.train import resume
+
+    files = resume.code_files()
     assert files == closure_files("segflow.train.loop")
-    for needed in ("segflow/train/loop.py", "segflow/core/instances.py", "segflow/core/inference.py"):
+    for needed in ("segflow/train/loop.py", "segflow/core/instances.py", "segflow/data/samples.py"):
         assert needed in files
+    # Hash a copy of the tree, then edit one file the loop only reaches indirectly.
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.setattr(resume, "source_root", lambda: tmp_path)
+    before = resume._code_hash()
+    target = tmp_path / "segflow/core/instances.py"
+    target.write_text(target.read_text() + "\n# an edit\n")
+    assert resume._code_hash() != before

@@ -1,0 +1,78 @@
+"""User errors end as one line and exit 1, bugs keep their traceback; the service's settings
+are validated on their own with messages naming the file and key."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from segflow.artifacts import run_stage
+from segflow.errors import UserError
+from segflow.runtime import configure_logging
+from segflow.serve.settings import ServeParams, SettingsError, load_serve_params
+
+
+def test_a_user_error_is_one_line_and_exit_1(capsys):
+    def main():
+        raise UserError("params.yaml: train.epochs must be at least 1; set it to 20")
+
+    with pytest.raises(SystemExit) as stop:
+        run_stage(main)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err == "error: params.yaml: train.epochs must be at least 1; set it to 20\n"
+
+
+def test_a_bug_keeps_its_traceback():
+    def main():
+        raise KeyError("a bug, not bad input")
+
+    with pytest.raises(KeyError):
+        run_stage(main)
+
+
+def test_serve_settings_come_from_the_serve_section_alone(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    # Training sections the Bento cannot validate (no smp there) are simply not read.
+    params.write_text("train: {encoder: not-an-encoder}\nserve: {max_batch_images: 3}\n")
+    settings = load_serve_params(params)
+    assert settings.max_batch_images == 3
+    assert settings.max_pixels == ServeParams().max_pixels
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("serve: {max_batch_imges: 3}\n", "serve.max_batch_imges"),
+        ("serve: {max_batch_images: 0}\n", "serve.max_batch_images"),
+        ("serve: [1, 2]\n", "`serve` must be a mapping"),
+        ("- a list\n", "expected a YAML mapping"),
+        ("serve: {\n", "not valid YAML"),
+    ],
+)
+def test_bad_serve_settings_name_the_file_and_key(tmp_path: Path, text: str, words: str):
+    params = tmp_path / "params.yaml"
+    params.write_text(text)
+    with pytest.raises(SettingsError) as caught:
+        load_serve_params(params)
+    assert str(params) in str(caught.value) and words in str(caught.value)
+    assert isinstance(caught.value, UserError)
+
+
+def test_missing_settings_file_says_how_to_point_at_one(tmp_path: Path):
+    with pytest.raises(SettingsError, match="SEGFLOW_PARAMS"):
+        load_serve_params(tmp_path / "absent.yaml")
+
+
+def test_an_unknown_log_level_falls_back_to_info(monkeypatch):
+    monkeypatch.setenv("SEGFLOW_LOG_LEVEL", "verbose")
+    configure_logging()
+    assert logging.getLogger("segflow").level == logging.INFO
+    monkeypatch.setenv("SEGFLOW_LOG_LEVEL", "debug")
+    configure_logging()
+    assert logging.getLogger("segflow").level == logging.DEBUG
+    handlers = [h for h in logging.getLogger("segflow").handlers if getattr(h, "_segflow", False)]
+    assert len(handlers) == 1  # configuring twice adds no second handler
+    logging.getLogger("segflow").setLevel(logging.INFO)

@@ -1,0 +1,86 @@
+"""How runs and versions are found by content, so DVC's outputs hold no run ids or versions.
+
+A real MLflow store (SQLite in tmp_path), no mocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from segflow.release import tracking
+from segflow.release.promote import reproducible
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    tracking.configure()
+    yield mlflow.tracking.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def _weights(folder: Path, content: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / tracking.MODEL_FILE).write_bytes(content)
+    return folder
+
+
+def test_later_stages_find_the_run_that_made_these_weights(store, tmp_path: Path):
+    tags = {"segflow.params_hash": "p" * 64}
+    first = _weights(tmp_path / "first", b"weights A")
+    with tracking.model_stage_run("train", tags, first, new_model=True) as (run_a, _):
+        pass
+    tracking.tag_model_run(run_a, first)
+    other = _weights(tmp_path / "other", b"weights B")
+    with tracking.model_stage_run("train", tags, other, new_model=True) as (run_b, _):
+        pass
+    tracking.tag_model_run(run_b, other)
+
+    assert tracking.find_model_run(first) == run_a
+    assert tracking.find_model_run(other) == run_b
+    with tracking.model_stage_run("evaluate", tags, first) as (parent, child):
+        assert parent == run_a and child.info.run_id != run_a
+    # Weights this store never saw (restored from a DVC remote): a new parent run.
+    unseen = _weights(tmp_path / "unseen", b"weights C")
+    assert tracking.find_model_run(unseen) is None
+    with tracking.model_stage_run("evaluate", tags, unseen) as (parent, _):
+        assert parent not in (run_a, run_b)
+    assert tracking.find_model_run(unseen) == parent  # and it is tagged for the next stage
+
+
+def test_promote_finds_the_version_holding_exactly_this_file(store, tmp_path: Path):
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"onnx bytes")
+    store.create_registered_model("m")
+    for content in (b"older", b"onnx bytes", b"newer"):
+        version = store.create_model_version("m", source=str(tmp_path))
+        digest = hashlib.sha256(content).hexdigest()
+        store.set_model_version_tag("m", version.version, tracking.ONNX_KEY_TAG, digest)
+    assert tracking.find_registered_version(store, "m", onnx) == "2"
+    onnx.write_bytes(b"never registered")
+    assert tracking.find_registered_version(store, "m", onnx) is None
+
+
+def test_the_tracked_report_drops_what_differs_between_stores():
+    report = {
+        "decision": {"promote": True, "checks": []},
+        "candidate": {"name": "m", "version": "7", "onnx_sha256": "a" * 64, "metrics": {"dice": 0.9}},
+        "champion": {"version": "6", "onnx_sha256": "b" * 64, "metrics": {"dice": 0.8}, "source": "tags"},
+        "already_champion": False,
+        "test_hash": "t",
+        "previous_champion": "6",
+        "bento": {"bento_tag": "segflow:abc"},
+    }
+    tracked = reproducible(report)
+    assert "bento" not in tracked and "previous_champion" not in tracked
+    assert "version" not in tracked["candidate"] and "version" not in tracked["champion"]
+    assert tracked["candidate"]["onnx_sha256"] == "a" * 64 and tracked["decision"] == report["decision"]
+    assert report["candidate"]["version"] == "7"  # the full report is left as it was

@@ -2,8 +2,8 @@
 
 Serves the champion through segflow.core.inference on ONNX Runtime, the path evaluation
 measured. Inside a built Bento the model is the one pinned at build time (build argument
-`model_tag`); from the repository it is the newest imported, which the promotion step
-keeps equal to the registry's `champion`. `SEGFLOW_MODEL_TAG` picks another.
+`model_tag`); from a checkout it is the one its last promotion or rollback imported
+(logs/release.json), else the newest imported. `SEGFLOW_MODEL_TAG` picks another.
 
 Endpoints (POST takes multipart/form-data: `image`, or `images` for the batch):
   POST /segment          JSON: objects (id, class, area, bbox, polygon, score), count,
@@ -42,13 +42,15 @@ with bentoml.importing():
     from segflow.serve.batching import MicroBatcher
     from segflow.serve.gatekeeper import Gatekeeper, error_response
     from segflow.serve.monitoring import RequestLog, intensity_mean, load_reference
-    from segflow.serve.settings import load_serve_params
+    from segflow.serve.settings import champion_model_tag, load_serve_params
     from segflow.serve.uploads import UploadError, UploadLimits, decode_upload
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "segflow" / "serve" / "static"
-MODEL_TAG = getattr(bentoml.use_arguments(), "model_tag", None) or os.environ.get(
-    "SEGFLOW_MODEL_TAG", "segflow-segmenter:latest"
+MODEL_TAG = (
+    getattr(bentoml.use_arguments(), "model_tag", None)  # a built Bento: the model it was built with
+    or os.environ.get("SEGFLOW_MODEL_TAG")
+    or champion_model_tag(HERE)  # a checkout: its last promotion's model
 )
 MODEL_TIMEOUT_S = 55.0  # below the 60 s request timeout
 PNG = Annotated[bytes, ContentType("image/png")]

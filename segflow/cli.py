@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         "--model",
         default=None,
         help="a BentoML model tag, or a folder with model.onnx and preprocessing.json "
-        "(default: the champion the service serves, $SEGFLOW_MODEL_TAG or segflow-segmenter:latest)",
+        "(default: the model the service serves: $SEGFLOW_MODEL_TAG, else this checkout's last "
+        "promoted champion from logs/release.json, else segflow-segmenter:latest)",
     )
     predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     predict.set_defaults(run=_predict)
@@ -104,12 +105,13 @@ def _predict(args) -> int:
     import os
 
     from segflow.config import load_params
+    from segflow.paths import repo_root
     from segflow.serve.answers import answer, mask_png, overlay_png
+    from segflow.serve.settings import champion_model_tag
     from segflow.serve.uploads import UploadError, UploadLimits, decode_upload
 
-    segmenter, model = _open_model(
-        args.model or os.environ.get("SEGFLOW_MODEL_TAG", "segflow-segmenter:latest")
-    )
+    ref = args.model or os.environ.get("SEGFLOW_MODEL_TAG") or champion_model_tag(repo_root())
+    segmenter, model = _open_model(ref)
     serve = load_params().serve
     # The service's decoding and size rules; only the upload byte cap does not apply to local files.
     limits = UploadLimits(2**62, serve.max_pixels, tuple(serve.formats), tuple(serve.dtypes))

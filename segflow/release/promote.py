@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -24,13 +25,13 @@ from segflow.artifacts import (
 from segflow.config import GATE_METRICS, Params
 from segflow.release import bento, tracking
 from segflow.release.gate import CHAMPION, decide, move_champion, roll_back_champion, version_with_alias
+from segflow.serve.settings import RELEASE_RECORD
 
 PROMOTION_REPORT = REPORTS / "promotion.json"
-# Where this machine's registry versions and Bento tags go: run-specific, so outside DVC's
-# outputs (reports/promotion.json holds only what the same data and code always decide).
-RELEASE_RECORD = Path("logs/release.json")
+# Registry versions and Bento tags are run-specific, so they go to RELEASE_RECORD
+# (logs/release.json, outside DVC's outputs; a checkout's service reads its model tag there).
 # Run-specific entries of the full report, left out of PROMOTION_REPORT.
-_RUN_SPECIFIC = ("previous_champion", "bento")
+_RUN_SPECIFIC = ("already_champion", "previous_champion", "bento", "serving")
 
 
 def promote(params: Params) -> dict:
@@ -90,10 +91,20 @@ def promote(params: Params) -> dict:
         # Nothing to move, but this step re-runs when the service code or its `serve`
         # limits change (promote's deps): rebuild the champion's Bento with them.
         report["bento"] = package(client, name, version, EXPORT, reuse_model=True)
+    # What the champion's Bento is now: this one, or (refused) the one served before.
+    report["serving"] = report.get("bento") or _served_before()
     write_json(PROMOTION_REPORT, reproducible(report))
     write_json(RELEASE_RECORD, report)
     _log_run(params, report)
     return report
+
+
+def _served_before() -> dict | None:
+    """The `serving` entry of the last release record, if any (kept when the gate refuses)."""
+    try:
+        return json.loads(RELEASE_RECORD.read_text()).get("serving")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def reproducible(report: dict) -> dict:
@@ -139,7 +150,13 @@ def rollback(params: Params) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = download_model(name, restored, Path(tmp))
         packaged = package(client, name, restored, folder)
-    record = {"rollback": True, "demoted": demoted, "champion": restored, "bento": packaged}
+    record = {
+        "rollback": True,
+        "demoted": demoted,
+        "champion": restored,
+        "bento": packaged,
+        "serving": packaged,
+    }
     write_json(RELEASE_RECORD, record)  # what is served now, as after a promotion
     return record
 

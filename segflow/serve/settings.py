@@ -7,6 +7,7 @@ this model for the whole file).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -74,3 +75,20 @@ def load_serve_params(path: str | Path) -> ServeParams:
     except ValidationError as exc:
         problems = [f"serve.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise SettingsError(f"{path} is invalid:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+RELEASE_RECORD = Path("logs") / "release.json"  # written by promote and rollback in a checkout
+
+
+def champion_model_tag(checkout: Path) -> str:
+    """The BentoML model a checkout serves by default.
+
+    The champion's model as its last promotion or rollback recorded it (logs/release.json,
+    `serving`; a refused candidate leaves it as it was), so that several
+    checkouts sharing one BentoML store each serve their own champion; else the newest
+    imported model. A built Bento pins its model at build time and never asks.
+    """
+    try:
+        return str(json.loads((checkout / RELEASE_RECORD).read_text())["serving"]["model_tag"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "segflow-segmenter:latest"

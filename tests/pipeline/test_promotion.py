@@ -80,6 +80,7 @@ def test_first_model_becomes_champion_with_a_slim_labelled_bento(built_repo: Pat
 
 
 def test_worse_model_on_changed_data_is_refused(repo_copy: Path):
+    serving = _report(repo_copy)["serving"]
     # New data (so the champion must be re-evaluated on the new test split) and a model
     # that predicts almost nothing (threshold 0.999, not tuned away on val).
     run(["segflow", "sample", "--out", "data", "--count", "16", "--size", "64", "--seed", "7"], repo_copy)
@@ -94,6 +95,7 @@ def test_worse_model_on_changed_data_is_refused(repo_copy: Path):
     assert "no regression in dice" in failed
     assert _champion(repo_copy) == "1"
     assert "bento" not in report
+    assert report["serving"] == serving  # the champion's Bento is still what a checkout serves
     version = _client(repo_copy).get_model_version("segflow-segmenter", report["candidate"]["version"])
     assert version.tags["validation_status"] == "failed"
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def _bento_dir(repo: Path) -> Path:
-    tag = json.loads((repo / "logs/release.json").read_text())["bento"]["bento_tag"]
+    tag = json.loads((repo / "logs/release.json").read_text())["serving"]["bento_tag"]
     name, version = tag.split(":")
     return repo / ".bentoml" / "bentos" / name / version
 

@@ -76,3 +76,15 @@ def test_an_unknown_log_level_falls_back_to_info(monkeypatch):
     handlers = [h for h in logging.getLogger("segflow").handlers if getattr(h, "_segflow", False)]
     assert len(handlers) == 1  # configuring twice adds no second handler
     logging.getLogger("segflow").setLevel(logging.INFO)
+
+
+def test_a_checkout_serves_the_model_its_own_promotion_imported(tmp_path: Path):
+    from segflow.serve.settings import champion_model_tag
+
+    assert champion_model_tag(tmp_path) == "segflow-segmenter:latest"  # never promoted here
+    record = tmp_path / "logs" / "release.json"
+    record.parent.mkdir()
+    record.write_text('{"serving": {"model_tag": "segflow-segmenter:abc123"}}')
+    assert champion_model_tag(tmp_path) == "segflow-segmenter:abc123"
+    record.write_text('{"serving": null}')  # refused before any champion existed
+    assert champion_model_tag(tmp_path) == "segflow-segmenter:latest"

@@ -78,9 +78,10 @@ def test_the_tracked_report_drops_what_differs_between_stores():
         "test_hash": "t",
         "previous_champion": "6",
         "bento": {"bento_tag": "segflow:abc"},
+        "serving": {"bento_tag": "segflow:abc"},
     }
     tracked = reproducible(report)
-    assert "bento" not in tracked and "previous_champion" not in tracked
+    assert not {"bento", "serving", "previous_champion", "already_champion"} & set(tracked)
     assert "version" not in tracked["candidate"] and "version" not in tracked["champion"]
     assert tracked["candidate"]["onnx_sha256"] == "a" * 64 and tracked["decision"] == report["decision"]
     assert report["candidate"]["version"] == "7"  # the full report is left as it was

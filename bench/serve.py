@@ -34,13 +34,14 @@ sys.path.insert(0, str(ROOT))
 from segflow.core.images import read_image  # noqa: E402
 from segflow.core.inference import Segmenter, normalize  # noqa: E402
 from segflow.core.tiling import pad_to_multiple  # noqa: E402
+from segflow.serve.settings import champion_model_tag  # noqa: E402
 
 
 def champion_dir() -> Path:
     """The folder of the model `bentoml serve service:svc` would serve."""
     import bentoml
 
-    tag = os.environ.get("SEGFLOW_MODEL_TAG", "segflow-segmenter:latest")
+    tag = os.environ.get("SEGFLOW_MODEL_TAG") or champion_model_tag(Path.cwd())
     return Path(bentoml.models.get(tag).path)
 
 

@@ -73,8 +73,15 @@ def load_serve_params(path: str | Path) -> ServeParams:
     try:
         return ServeParams.model_validate(section)
     except ValidationError as exc:
-        problems = [f"serve.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        problems = [_describe(err) for err in exc.errors()]
         raise SettingsError(f"{path} is invalid:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+def _describe(err: dict) -> str:
+    key = "serve." + ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key; allowed keys here: {', '.join(ServeParams.model_fields)}"
+    return f"{key}: {err['msg']} (got {err.get('input')!r})"
 
 
 RELEASE_RECORD = Path("logs") / "release.json"  # written by promote and rollback in a checkout

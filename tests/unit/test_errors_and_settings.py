@@ -45,7 +45,10 @@ def test_serve_settings_come_from_the_serve_section_alone(tmp_path: Path):
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        ("serve: {max_batch_imges: 3}\n", "serve.max_batch_imges"),
+        (
+            "serve: {max_batch_imges: 3}\n",
+            "serve.max_batch_imges: unknown key; allowed keys here: max_upload",
+        ),
         ("serve: {max_batch_images: 0}\n", "serve.max_batch_images"),
         ("serve: [1, 2]\n", "`serve` must be a mapping"),
         ("- a list\n", "expected a YAML mapping"),

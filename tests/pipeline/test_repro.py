@@ -221,9 +221,10 @@ def _experiment_runs(repo: Path, name: str) -> list:
 
 def test_dvc_exp_run_temp_logs_to_the_repository_store(repo_copy: Path):
     # --temp runs in a copy under .dvc/tmp/exps; its runs must reach the copy's mlflow.db.
-    run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "train.epochs=1"], repo_copy)
+    # Up to train is enough here (the queued experiment below runs every stage the same way).
+    run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "train.epochs=1", "train"], repo_copy)
     stages = sorted(r.data.tags["segflow.stage"] for r in _experiment_runs(repo_copy, "temp-exp"))
-    assert stages == ["evaluate", "export", "model", "promote", "train"]
+    assert stages == ["model", "train"]
 
 
 def test_dvc_queue_logs_to_the_repository_store(repo_copy: Path):

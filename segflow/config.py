@@ -12,12 +12,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segflow.errors import UserError
 from segflow.paths import repo_root
-from segflow.serve.settings import ServeParams
+from segflow.serve.settings import ServeParams, read_params_file
 
 PARAMS_FILE = "params.yaml"
 
@@ -455,14 +454,7 @@ def load_params(path: str | Path | None = None) -> Params:
         ParamsError: naming each bad key path, the problem and the allowed values.
     """
     path = Path(path) if path is not None else repo_root() / PARAMS_FILE
-    if not path.is_file():
-        raise ParamsError(f"{path}: not found; run from the repository root or pass the path")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = read_params_file(path, ParamsError, "run from the repository root or pass the path")
     return parse_params(raw, source=str(path))
 
 

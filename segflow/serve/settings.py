@@ -44,6 +44,23 @@ class ServeParams(BaseModel):
     drift_min_images: int = Field(30, ge=2)
 
 
+def read_params_file(path: Path, error: type[Exception], missing_hint: str) -> dict:
+    """A params.yaml as a mapping of sections (the pipeline's config and the service share this).
+
+    Raises:
+        `error`, naming the file: absent (with `missing_hint`), not YAML, or not a mapping.
+    """
+    if not path.is_file():
+        raise error(f"{path}: not found; {missing_hint}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a YAML mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
 def load_serve_params(path: str | Path) -> ServeParams:
     """Read and validate only the `serve` section of a params.yaml.
 
@@ -57,16 +74,8 @@ def load_serve_params(path: str | Path) -> ServeParams:
         SettingsError: naming the file, each bad key (serve.<key>) and what is allowed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SettingsError(
-            f"{path}: not found; set SEGFLOW_PARAMS to the params.yaml the service should read"
-        )
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise SettingsError(f"{path}: expected a YAML mapping of sections, got {type(raw).__name__}")
+    hint = "set SEGFLOW_PARAMS to the params.yaml the service should read"
+    raw = read_params_file(path, SettingsError, hint)
     section = raw.get("serve") or {}
     if not isinstance(section, dict):
         raise SettingsError(f"{path}: `serve` must be a mapping of settings, got {type(section).__name__}")

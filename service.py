@@ -125,9 +125,7 @@ class SegflowService:
         )
         self.segmenter.batch_size = self.config.model_batch_size
         self.classes = list(self.segmenter.prep.classes)
-        self.batcher = MicroBatcher(
-            self.segmenter.predict, self.config.model_batch_size, model_batch_size.observe
-        )
+        self.batcher = MicroBatcher(self._predict, self.config.model_batch_size, model_batch_size.observe)
         self.model_info = model_info(dict(self.model.info.labels), str(self.model.tag))
         self.reference = load_reference(folder)
         self.log = RequestLog(_request_log_path(self.config.request_log))
@@ -141,8 +139,14 @@ class SegflowService:
 
     # -- the model path shared by every endpoint ------------------------------------------
 
-    def _segment(self, files: list[Path], ctx: bentoml.Context) -> list[tuple]:
-        """Decode, validate and segment; returns (image, prediction) per file or raises UploadError."""
+    def _predict(self, items: list[tuple]) -> list:
+        """(image, diameter or None) pairs -> Predictions, in one model call (the batcher's)."""
+        return self.segmenter.predict([image for image, _ in items], diameters=[d for _, d in items])
+
+    def _segment(self, files: list[Path], ctx: bentoml.Context, diameter: float | None = None) -> list[tuple]:
+        """Decode, validate and segment; returns (image, prediction) per file or raises UploadError.
+
+        `diameter` (pixels) replaces the per-image size estimate of a size-normalised model."""
         images = []
         for index, path in enumerate(files):
             try:
@@ -152,7 +156,7 @@ class SegflowService:
                 prefix = f"image {index + 1} of {len(files)}: " if len(files) > 1 else ""
                 raise UploadError(exc.status, prefix + exc.reason) from None
         started = time.perf_counter()
-        predictions = self.batcher.submit(images, timeout=MODEL_TIMEOUT_S)
+        predictions = self.batcher.submit([(image, diameter) for image in images], timeout=MODEL_TIMEOUT_S)
         model_ms = 1000 * (time.perf_counter() - started)
         counts = [int(p.instances.max()) for p in predictions]  # ids are 1..n
         for count in counts:
@@ -181,11 +185,14 @@ class SegflowService:
     # -- endpoints -------------------------------------------------------------------------
 
     @bentoml.api
-    def segment(self, image: Path, ctx: bentoml.Context) -> dict:
-        """One image -> objects (id, class, area, bbox, polygon, score), class fractions, COCO RLE."""
+    def segment(self, image: Path, ctx: bentoml.Context, diameter: float | None = None) -> dict:
+        """One image -> objects (id, class, area, bbox, polygon, score), class fractions, COCO RLE.
+
+        Optional `diameter`: the objects' diameter in pixels (models trained at one object size
+        otherwise estimate it per image)."""
         started = time.perf_counter()
         try:
-            [(array, prediction)] = self._segment([image], ctx)
+            [(array, prediction)] = self._segment([image], ctx, diameter)
         except UploadError as exc:
             return self._refuse(exc, ctx)
         result = answer(array, prediction, self.classes, self.model_info)
@@ -196,7 +203,7 @@ class SegflowService:
         return _json(result)
 
     @bentoml.api
-    def segment_batch(self, images: list[Path], ctx: bentoml.Context) -> dict:
+    def segment_batch(self, images: list[Path], ctx: bentoml.Context, diameter: float | None = None) -> dict:
         """Several images in one request -> {"results": [the /segment answer for each]}."""
         started = time.perf_counter()
         if not images:
@@ -207,7 +214,7 @@ class SegflowService:
                 ctx,
             )
         try:
-            pairs = self._segment(images, ctx)
+            pairs = self._segment(images, ctx, diameter)
         except UploadError as exc:
             return self._refuse(exc, ctx)
         results = [answer(array, prediction, self.classes, self.model_info) for array, prediction in pairs]
@@ -218,19 +225,19 @@ class SegflowService:
         return _json({"count": len(results), "results": results, "timing_ms": timing})
 
     @bentoml.api
-    def segment_mask(self, image: Path, ctx: bentoml.Context) -> PNG:
+    def segment_mask(self, image: Path, ctx: bentoml.Context, diameter: float | None = None) -> PNG:
         """One image -> PNG of class ids (0 background, 1 the first class, ...)."""
         try:
-            [(_, prediction)] = self._segment([image], ctx)
+            [(_, prediction)] = self._segment([image], ctx, diameter)
         except UploadError as exc:
             return self._refuse(exc, ctx)
         return mask_png(prediction)
 
     @bentoml.api
-    def segment_overlay(self, image: Path, ctx: bentoml.Context) -> PNG:
+    def segment_overlay(self, image: Path, ctx: bentoml.Context, diameter: float | None = None) -> PNG:
         """One image -> PNG of the image with every predicted object outlined."""
         try:
-            [(array, prediction)] = self._segment([image], ctx)
+            [(array, prediction)] = self._segment([image], ctx, diameter)
         except UploadError as exc:
             return self._refuse(exc, ctx)
         return overlay_png(array, prediction)

@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         "promoted champion from logs/release.json, else segflow-segmenter:latest)",
     )
     predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
+    predict.add_argument(
+        "--diameter",
+        type=_positive_pixels,
+        default=None,
+        help="the objects' diameter in pixels, for models trained at one object size "
+        "(train.diameter); default: the model's own setting, usually a per-image estimate",
+    )
     predict.set_defaults(run=_predict)
 
     promote = commands.add_parser("promote", help="run the promotion gate on the exported candidate")
@@ -101,6 +108,17 @@ def _rollback(args) -> int:
     return 0
 
 
+def _positive_pixels(text: str) -> float:
+    """argparse type: a positive number of pixels."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of pixels, e.g. 30")
+    return value
+
+
 def _predict(args) -> int:
     import os
 
@@ -125,7 +143,7 @@ def _predict(args) -> int:
             print(f"{path}: skipped: {exc.reason}", file=sys.stderr)
             failed += 1
             continue
-        prediction = segmenter.predict_one(image)
+        prediction = segmenter.predict_one(image, args.diameter)
         result = answer(image, prediction, list(segmenter.prep.classes), model)
         (args.out / f"{path.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out / f"{path.stem}_mask.png").write_bytes(mask_png(prediction))

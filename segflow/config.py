@@ -185,6 +185,7 @@ class Augment(_Section):
     rotate90: float = Field(0.5, ge=0, le=1)
     brightness_contrast: float = Field(0.5, ge=0, le=1)
     gauss_noise: float = Field(0.2, ge=0, le=1)
+    scale: float = Field(0.0, ge=0, lt=1)  # random rescale by a factor in [1 - scale, 1 + scale]; 0 = off
 
 
 class TrainParams(_Section):
@@ -206,6 +207,9 @@ class TrainParams(_Section):
     early_stopping: int = Field(0, ge=0)  # epochs without a better val Dice before stopping; 0 = never
     deterministic: bool = True  # seeded, deterministic kernels: a resumed run ends like an uninterrupted one
     interior_margin: int = Field(2, ge=1)  # watershed target: pixels this close to an edge are not interior
+    # Size normalisation: every training image is rescaled so its median object is this many
+    # pixels across, and inference rescales to match (inference.diameter); null = native scale.
+    diameter: float | None = Field(None, gt=0)
 
     @field_validator("decoder_channels")
     @classmethod
@@ -266,12 +270,21 @@ class InferenceParams(_Section):
     # watershed: the network also predicts object interiors, which seed a watershed that
     # splits touching objects; components: connected components of the mask; auto:
     # watershed when the dataset has instance ids (instance masks, COCO), else components.
-    instances: Literal["auto", "watershed", "components"] = "auto"
+    # distance: like watershed, but the extra output is each pixel's distance to its object's
+    # edge (relative to the object's deepest point), which seeds and floods the watershed.
+    instances: Literal["auto", "watershed", "distance", "components"] = "auto"
     threshold: float = Field(0.5, gt=0, lt=1)  # P(foreground) above which a pixel belongs to an object
-    seed_threshold: float = Field(0.5, gt=0, lt=1)  # watershed: P(interior) above which pixels seed objects
+    seed_threshold: float = Field(
+        0.5, gt=0, lt=1
+    )  # watershed, distance: seed channel value above which pixels seed objects
     min_area: int = Field(0, ge=0)  # objects smaller than this many pixels are dropped
     tile_size: int = Field(512, ge=0)  # larger images run as overlapping tiles of this size; 0 = whole images
     tile_overlap: int = Field(64, ge=0)
+    # Models trained with train.diameter: the objects' diameter in the images to segment, in
+    # pixels, or auto (estimated per image by a first pass). Ignored at native scale.
+    diameter: Literal["auto"] | float = "auto"
+    tta: Literal["none", "flips", "d4"] = "none"  # test-time augmentation: average flipped/rotated views
+    tta_grid: list[Literal["none", "flips", "d4"]] = ["none"]  # what tune tries (val), with latency
     tune: bool = True  # evaluate picks threshold, seed_threshold and min_area on the validation split
     threshold_grid: list[float] = [0.4, 0.5, 0.6]
     seed_threshold_grid: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
@@ -284,6 +297,13 @@ class InferenceParams(_Section):
         if not grid or not all(0 < v < 1 for v in grid):
             raise ValueError(f"need at least one probability strictly between 0 and 1, got {grid}")
         return sorted(set(grid))
+
+    @field_validator("diameter")
+    @classmethod
+    def _positive_diameter(cls, value: str | float) -> str | float:
+        if value != "auto" and not value > 0:
+            raise ValueError(f"need auto or a positive number of pixels, got {value}")
+        return value
 
     @field_validator("min_area_grid")
     @classmethod
@@ -325,6 +345,31 @@ class EvaluateParams(_Section):
         return sets
 
 
+class CrossvalParams(_Section):
+    """Group k-fold cross-validation over every image (the crossval stage)."""
+
+    # 0 = off. Otherwise every image is held out once: fold i is scored by a model trained on
+    # the other folds but fold i + 1, which picks its post-processing (as val does).
+    folds: int = Field(0, ge=0)
+    scales: list[float] = [1.0]  # held-out images are also scored rescaled by these factors
+
+    @field_validator("folds")
+    @classmethod
+    def _enough_folds(cls, folds: int) -> int:
+        if folds in (1, 2):
+            raise ValueError(
+                f"need 0 (off) or at least 3 folds (held out, validation, training), got {folds}"
+            )
+        return folds
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, scales: list[float]) -> list[float]:
+        if not scales or min(scales) <= 0 or max(scales) > 4:
+            raise ValueError(f"need one or more factors in (0, 4], e.g. [1.0, 0.6], got {scales}")
+        return list(dict.fromkeys(scales))
+
+
 class ExportParams(_Section):
     opset: int = Field(18, ge=13, le=23)
     ir_version: int = Field(10, ge=7, le=11)
@@ -359,6 +404,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     inference: InferenceParams = InferenceParams()
     evaluate: EvaluateParams = EvaluateParams()
+    crossval: CrossvalParams = CrossvalParams()
     export: ExportParams = ExportParams()
     promote: PromoteParams = PromoteParams()
     serve: ServeParams = ServeParams()
@@ -414,11 +460,17 @@ class Params(_Section):
     @model_validator(mode="after")
     def _watershed_needs_instances(self) -> Params:
         ingest = self.ingest
-        if self.inference.instances == "watershed" and not self.has_instance_ids():
+        if self.inference.instances in ("watershed", "distance") and not self.has_instance_ids():
             raise ValueError(
-                "inference.instances: watershed learns object interiors from instance ids, but "
+                f"inference.instances: {self.inference.instances} learns from instance ids, but "
                 f"ingest.format {ingest.format} with mask_kind {ingest.mask_kind} gives class masks only; "
                 "set inference.instances: components (objects = connected regions of the mask) or auto"
+            )
+        if self.train.diameter and not self.has_instance_ids():
+            raise ValueError(
+                "train.diameter measures object sizes from instance ids, but "
+                f"ingest.format {ingest.format} with mask_kind {ingest.mask_kind} gives class masks only; "
+                "set train.diameter: null"
             )
         return self
 

@@ -25,9 +25,9 @@ from segflow.data.extra import check_tracked, load_extra_set
 from segflow.data.samples import load_samples
 from segflow.evaluate.reports import EvaluationReport
 from segflow.evaluate.scoring import (
+    choose_postprocessing,
     classical_baseline,
     score_predictions,
-    tune_postprocessing,
     write_overlays,
 )
 from segflow.release import tracking
@@ -45,14 +45,11 @@ def main() -> None:
     check_tracked(params.evaluate.extra_sets)
     sets |= {extra.name: load_extra_set(extra, len(classes)) for extra in params.evaluate.extra_sets}
 
-    # Post-processing is chosen on val only; test and the extra sets are scored once, with it.
-    segmenter.prep = segmenter.prep.with_postprocess(cfg.model_dump())  # params.inference as it is now
-    val_logits = segmenter.logits([s.image for s in sets["val"]])
-    prep, grid = segmenter.prep, []
-    if cfg.tune:
-        prep, grid = tune_postprocessing(val_logits, sets["val"], prep, cfg)
-    segmenter.prep = prep
-    report = EvaluationReport(prep, grid, tuned_by=cfg.tune_metric if cfg.tune else None)
+    # Post-processing and TTA are chosen on val only; test and the extra sets are scored once, with them.
+    tuning = choose_postprocessing(segmenter, sets["val"], cfg)
+    prep, val_logits = tuning.prep, tuning.logits
+    report = EvaluationReport(prep, tuning.grid, tuned_by=cfg.tune_metric if cfg.tune else None)
+    report.seconds_per_image = tuning.seconds_per_image
     report.history = read_json(MODEL / "history.json")
     for name, samples in sets.items():
         logits = val_logits if name == "val" else segmenter.logits([s.image for s in samples])

@@ -8,6 +8,7 @@ float32 batch to (N, K, H, W) float32 logits: a torch module or an ONNX Runtime 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,13 +17,28 @@ import numpy as np
 
 from segflow.core.instances import drop_small, split_by_class, watershed_instances
 from segflow.core.objects import label_instances
+from segflow.core.sizes import median_diameter, resize_planes, scale_for, scaled_shape
 from segflow.core.tiling import tiled_logits
+from segflow.core.tta import averaged_logits
 from segflow.errors import UserError
+
+log = logging.getLogger(__name__)
 
 PREPROCESSING_VERSION = 1
 # What evaluate may choose after training (params.inference, tuned on val): how logits become
-# objects and how large images are tiled. The network's inputs and outputs stay as trained.
-POSTPROCESS_FIELDS = ("threshold", "seed_threshold", "min_area", "tile_size", "tile_overlap")
+# objects, how large images are tiled, how object size is found and which views are averaged.
+# The network's inputs and outputs stay as trained.
+POSTPROCESS_FIELDS = (
+    "threshold",
+    "seed_threshold",
+    "min_area",
+    "tile_size",
+    "tile_overlap",
+    "diameter",
+    "tta",
+)
+# Instance methods whose last model channel seeds a watershed: P(interior) or normalised distance.
+SEEDED = ("watershed", "distance")
 
 
 @dataclass(frozen=True)
@@ -45,11 +61,18 @@ class Preprocessing:
     high: float = 99.8
     # Objects (inference.* in params.yaml). The defaults reproduce older models: connected
     # components of the mask, whole-image inference.
-    instances: str = "components"  # components | watershed (the model's last channel is P(interior) logits)
-    seed_threshold: float = 0.5  # watershed: P(interior) above which a pixel seeds an object
+    # components | watershed (the last channel is P(interior) logits) | distance (the last channel
+    # is each object pixel's distance to the object's edge, divided by the object's largest)
+    instances: str = "components"
+    seed_threshold: float = 0.5  # watershed, distance: last-channel value above which a pixel seeds an object
     min_area: int = 0  # objects smaller than this many pixels are dropped
     tile_size: int = 0  # images larger than this run as overlapping tiles; 0 = whole images
     tile_overlap: int = 0
+    # Object size (segflow.core.sizes). The defaults reproduce older models: native scale.
+    train_diameter: float = 0.0  # the network learned objects this many pixels across; 0 = native scale
+    data_diameter: float = 0.0  # the training images' median object diameter as stored (auto's first guess)
+    diameter: float | str = "auto"  # objects' diameter in the input images, or auto: estimate per image
+    tta: str = "none"  # test-time augmentation: none | flips | d4 (segflow.core.tta)
     input_name: str = "image"
     output_name: str = "logits"
     version: int = PREPROCESSING_VERSION
@@ -159,9 +182,9 @@ def to_prediction(logit: np.ndarray, prep: Preprocessing) -> Prediction:
     """(channels, H, W) logits -> Prediction, post-processed as `prep` says.
 
     The channels are one foreground logit (two classes) or K class logits, followed by
-    one interior logit when prep.instances is "watershed".
+    one seed logit (interior or distance) when prep.instances is "watershed" or "distance".
     """
-    watershed = prep.instances == "watershed"
+    watershed = prep.instances in SEEDED
     semantic = logit[:-1] if watershed else logit
     probability, mask = semantic_mask(semantic, prep.threshold)
     if watershed:
@@ -245,27 +268,94 @@ class Segmenter:
 
         return cls(run, prep)
 
-    def logits(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def logits(
+        self, images: Sequence[np.ndarray], diameters: Sequence[float | None] | None = None
+    ) -> list[np.ndarray]:
         """Raw images -> (channels, H, W) float32 logits each, at each image's own size.
 
-        Images larger than prep.tile_size run as overlapping tiles blended together, at the
-        scale the model was trained on, so memory stays bounded whatever the image size.
-        Whole images of one padded shape, and tiles, share model calls up to batch_size.
+        A model trained at one object size (prep.train_diameter) sees every image rescaled so
+        its objects have that size: `diameters` gives each image's object diameter in pixels
+        (None for an image: prep.diameter decides, a number or "auto", estimated by a first
+        pass). The logits are resized back, so post-processing runs at the original size.
+
+        Images larger than prep.tile_size run as overlapping tiles blended together, so memory
+        stays bounded whatever the image size. Whole images of one padded shape, and tiles,
+        share model calls up to batch_size. prep.tta averages flipped or rotated views.
         """
         prep = self.prep
         inputs = [normalize(image, prep) for image in images]
-        return tiled_logits(
-            self._run_batch, inputs, prep.tile_size, prep.tile_overlap, prep.pad_multiple, self.batch_size
-        )
+        if not prep.train_diameter:
+            return self._model_logits(inputs)
+        given = list(diameters) if diameters is not None else [None] * len(inputs)
+        if len(given) != len(inputs):
+            raise UserError(f"{len(given)} diameters for {len(inputs)} images; give one per image")
+        bad = [d for d in given if d is not None and not 0 < d < float("inf")]
+        if bad:
+            raise UserError(f"diameter {bad[0]} is not a positive number of pixels (the objects' diameter)")
+        given = [d if d is not None else _fixed_diameter(prep.diameter) for d in given]
+        guess = scale_for(prep.data_diameter, prep.train_diameter)
+        scales = [scale_for(d, prep.train_diameter) if d else guess for d in given]
+        logits = self._scaled_logits(inputs, scales)
+        unknown = [i for i, d in enumerate(given) if not d]
+        if not unknown:
+            return logits
+        # Estimate each image's object size from a first pass at the training data's usual
+        # scale, then run again where that estimate changes the scale by more than 10%.
+        for i in unknown:  # within 4x of the first guess: a poor first pass must not run wild
+            found = median_diameter(to_prediction(logits[i], prep).instances)
+            scale = scale_for(found, prep.train_diameter) if found else guess
+            scales[i] = float(np.clip(scale, guess / 4, guess * 4))
+            log.debug("image %d: objects about %s px across, scale %.3f", i, found, scales[i])
+        again = [i for i in unknown if abs(scales[i] / guess - 1) > 0.1]
+        for i, logit in zip(
+            again, self._scaled_logits([inputs[i] for i in again], [scales[i] for i in again]), strict=True
+        ):
+            logits[i] = logit
+        return logits
 
-    def predict(self, images: Sequence[np.ndarray], threshold: float | None = None) -> list[Prediction]:
+    def _scaled_logits(self, inputs: list[np.ndarray], scales: list[float]) -> list[np.ndarray]:
+        """Model logits of (C, H, W) inputs each rescaled by its factor, resized back to its size."""
+        scaled = [resize_planes(x, scaled_shape(x.shape[1:], s)) for x, s in zip(inputs, scales, strict=True)]
+        out = self._model_logits(scaled)
+        return [resize_planes(y, x.shape[1:]) for x, y in zip(inputs, out, strict=True)]
+
+    def _model_logits(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """(C, H, W) model inputs -> (K, H, W) logits: tiled, averaged over prep.tta's views."""
+        prep = self.prep
+
+        def run(batch: list[np.ndarray]) -> list[np.ndarray]:
+            return tiled_logits(
+                self._run_batch, batch, prep.tile_size, prep.tile_overlap, prep.pad_multiple, self.batch_size
+            )
+
+        return run(inputs) if prep.tta == "none" else averaged_logits(run, inputs, prep.tta)
+
+    def predict(
+        self,
+        images: Sequence[np.ndarray],
+        threshold: float | None = None,
+        diameters: Sequence[float | None] | None = None,
+    ) -> list[Prediction]:
         """Raw images -> Prediction (probability and thresholded class-id mask) each.
 
         A pixel is foreground when P(foreground) exceeds the threshold; with more than two
-        classes it then takes the most probable foreground class.
+        classes it then takes the most probable foreground class. `diameters` as in logits().
         """
         prep = self.prep if threshold is None else replace(self.prep, threshold=threshold)
-        return [to_prediction(logit, prep) for logit in self.logits(images)]
+        return [to_prediction(logit, prep) for logit in self.logits(images, diameters)]
 
-    def predict_one(self, image: np.ndarray) -> Prediction:
-        return self.predict([image])[0]
+    def predict_one(self, image: np.ndarray, diameter: float | None = None) -> Prediction:
+        return self.predict([image], diameters=[diameter])[0]
+
+
+def _fixed_diameter(setting: float | str) -> float | None:
+    """prep.diameter as a number of pixels, or None for "auto"."""
+    if setting == "auto":
+        return None
+    try:
+        value = float(setting)
+    except (TypeError, ValueError):
+        raise UserError(f"diameter {setting!r} must be auto or a number of pixels") from None
+    if not value > 0:
+        raise UserError(f"diameter {setting!r} must be a positive number of pixels, or auto")
+    return value

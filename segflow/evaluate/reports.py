@@ -33,6 +33,7 @@ class EvaluationReport:
     scores: dict[str, SplitScores] = field(default_factory=dict)
     baseline: dict | None = None
     history: list[dict] = field(default_factory=list)  # the training run's epochs
+    seconds_per_image: dict[str, float] = field(default_factory=dict)  # val model time, by TTA mode
 
     def add(self, name: str, scores: SplitScores) -> None:
         self.scores[name] = scores
@@ -100,7 +101,9 @@ class EvaluationReport:
         }
         if self.baseline:
             flat |= {f"baseline_test_{k}": v for k, v in self.baseline["test"].items() if k != "images"}
-        mlflow.log_metrics(flat)
+        mlflow.log_metrics(
+            flat | {f"val_ms_per_image_{m}": 1000 * s for m, s in self.seconds_per_image.items()}
+        )
         # val_dice on the model's row is the per-epoch training curve; keep val scores off it.
         log_to_parent(parent_id, metrics={k: v for k, v in flat.items() if not k.startswith("val_")})
         client = mlflow.tracking.MlflowClient()
@@ -118,7 +121,7 @@ class EvaluationReport:
         header = ("set", "images", "Dice", "IoU", "AP50", "AP", "count err")
         lines = [
             f"evaluate: threshold {self.prep.threshold}, seed threshold {self.prep.seed_threshold}, "
-            f"min area {self.prep.min_area} ({how})",
+            f"min area {self.prep.min_area}, tta {self.prep.tta} ({how})",
             "  {:<12} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9}".format(*header),
         ]
         named = [(name, s.summary) for name, s in self.scores.items()]
@@ -130,4 +133,7 @@ class EvaluationReport:
             ]
             count = f"{summary['count_error']:9.1%}" if "count_error" in summary else f"{'-':>9}"
             lines.append(f"  {name:<12} {summary['images']:>6} {' '.join(cells)} {count}")
+        if self.seconds_per_image:  # what each test-time augmentation costs, measured on val
+            costs = ", ".join(f"{mode} {1000 * s:.0f} ms" for mode, s in self.seconds_per_image.items())
+            lines.append(f"  model time per val image by tta: {costs}")
         return "\n".join(lines)

@@ -6,6 +6,8 @@ reports/metrics.json describe exactly what the CLI and the service return.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 from segflow.config import InferenceParams
 from segflow.core.images import write_png
 from segflow.core.inference import (
+    SEEDED,
     Prediction,
     Preprocessing,
     Segmenter,
@@ -34,6 +37,8 @@ from segflow.evaluate.metrics import (
     summarize,
     summarize_classes,
 )
+
+log = logging.getLogger(__name__)
 
 TRUE_COLOUR = (0, 220, 0)  # green: ground-truth outlines
 PRED_COLOUR = (255, 0, 200)  # magenta: predicted outlines
@@ -114,7 +119,7 @@ def tune_postprocessing(
         (prep with the best values, one row per grid point with its scores). Ties go to the
         lower object-count error, then to the first grid point, so the choice is repeatable.
     """
-    seeds = cfg.seed_threshold_grid if prep.instances == "watershed" else [prep.seed_threshold]
+    seeds = cfg.seed_threshold_grid if prep.instances in SEEDED else [prep.seed_threshold]
     classes, table = list(prep.classes), []
     for threshold in cfg.threshold_grid:
         for seed in seeds:
@@ -131,6 +136,51 @@ def tune_postprocessing(
     best = max(table, key=lambda row: (row[key], -row.get("count_error", 0.0)))
     chosen = {k: best[k] for k in ("threshold", "seed_threshold", "min_area")}
     return prep.with_postprocess(chosen), table
+
+
+@dataclass
+class Tuning:
+    """What choose_postprocessing chose on val, and what it cost."""
+
+    prep: Preprocessing  # the model's preprocessing with the chosen post-processing and TTA
+    grid: list[dict]  # every grid point tried, with its tta and val scores
+    logits: list[np.ndarray]  # the val logits under the chosen TTA
+    seconds_per_image: dict[str, float]  # model time per val image (sizes and tiles included), by TTA
+
+
+def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: InferenceParams) -> Tuning:
+    """Pick test-time augmentation and post-processing on the validation split.
+
+    With cfg.tune, every TTA mode in cfg.tta_grid computes the val logits once and
+    tune_postprocessing searches the thresholds for it; the best row overall wins, ties
+    going to the cheaper TTA (earlier in the grid). Without it, params.inference is used as is.
+    The segmenter's prep is left as chosen.
+    """
+    base = segmenter.prep.with_postprocess(cfg.model_dump())  # params.inference as it is now
+    modes = cfg.tta_grid if cfg.tune else [cfg.tta]
+    key = cfg.tune_metric
+    best: Tuning | None = None
+    best_score, grid, seconds = None, [], {}
+    for mode in modes:
+        segmenter.prep = replace(base, tta=mode)
+        started = time.perf_counter()
+        logits = segmenter.logits([s.image for s in val])
+        seconds[mode] = (time.perf_counter() - started) / max(1, len(val))
+        if not cfg.tune:
+            return Tuning(segmenter.prep, [], logits, seconds)
+        prep, table = tune_postprocessing(logits, val, segmenter.prep, cfg)
+        table = [{"tta": mode} | row for row in table]
+        grid += table
+        metric = key if key in table[0] else "dice"
+        top = max(table, key=lambda row: (row[metric], -row.get("count_error", 0.0)))
+        score = (top[metric], -top.get("count_error", 0.0))
+        log.info(
+            "tta %s: best val %s %.4f, %.0f ms per image", mode, metric, top[metric], 1000 * seconds[mode]
+        )
+        if best_score is None or score > best_score:
+            best_score, best = score, Tuning(prep, [], logits, {})
+    segmenter.prep = best.prep
+    return Tuning(best.prep, grid, best.logits, seconds)
 
 
 def classical_baseline(val: list[Sample], test: list[Sample], classes: list[str]) -> dict:

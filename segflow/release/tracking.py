@@ -5,6 +5,8 @@ Layout in the store:
 - experiment `segflow`: one parent run per trained model (params, per-epoch curves, test
   metrics, overlays, the ONNX model), with nested child runs `train`, `evaluate` and
   `export` holding what each stage did. `mlflow ui` thus shows one comparable row per model.
+- experiment `segflow-crossval`: one run per cross-validation of the recipe (mean and spread
+  per metric, each fold's scores as steps), comparable side by side across recipes.
 
 Nothing run-specific is written into DVC-tracked outputs (two clones reproduce identical
 files): evaluate and export find their model's parent run by the sha256 of the weights it
@@ -28,6 +30,7 @@ from segflow.paths import repo_root, store_root
 
 MODEL_EXPERIMENT = "segflow"
 DATA_EXPERIMENT = "segflow-data"
+CROSSVAL_EXPERIMENT = "segflow-crossval"
 MODEL_FILE = "model.pt"  # in artifacts/model: the weights whose hash names the parent run
 MODEL_KEY_TAG = "segflow.model_sha256"  # on a model's parent run
 ONNX_KEY_TAG = "segflow.onnx_sha256"  # on a registered version: the exported file it holds
@@ -104,12 +107,12 @@ def _git(root: Path, *args: str) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, tags: dict[str, str]) -> Iterator[object]:
-    """A standalone run in the data experiment (ingest, convert, split)."""
+def stage_run(stage: str, tags: dict[str, str], experiment: str = DATA_EXPERIMENT) -> Iterator[object]:
+    """A standalone run in the data experiment (ingest, convert, split) or another one (crossval)."""
     import mlflow
 
     configure()
-    use_experiment(DATA_EXPERIMENT)
+    use_experiment(experiment)
     with mlflow.start_run(run_name=stage, tags=tags) as run:
         yield run
 

@@ -21,6 +21,10 @@ UPLOAD_FIELDS = {
     "/segment_batch": "images",
 }
 API_PATHS = frozenset(UPLOAD_FIELDS)
+# Optional text fields an API takes besides its files: the objects' diameter in pixels, for
+# models trained at one object size (it replaces the model's own per-image estimate).
+OPTION_FIELDS = ("diameter",)
+MAX_DIAMETER = 10_000.0
 # Reachable without a token: health probes, and static pages that hold no data (the page
 # sends the token the user types with each of its API calls).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/livez", "/", "/docs", "/docs.json"})
@@ -155,7 +159,8 @@ async def _read_upload(headers: dict, receive, max_bytes: int) -> tuple[bytes, t
 
 
 async def _check_form(scope: dict, body: bytes, field: str) -> tuple | None:
-    """(status, reason) unless the multipart body holds only file parts named `field`."""
+    """(status, reason) unless the multipart body holds only file parts named `field`
+    and, optionally, one valid value per OPTION_FIELDS entry."""
     from starlette.requests import Request
 
     hint = f"send the file(s) in field '{field}', e.g. curl -F {field}=@cells.png"
@@ -164,8 +169,8 @@ async def _check_form(scope: dict, body: bytes, field: str) -> tuple | None:
             names = set(form.keys())
             if field not in names:
                 return 400, f"no field '{field}' in the form; {hint}"
-            if names - {field}:
-                return 400, f"unexpected form field(s) {sorted(names - {field})}; {hint}"
+            if names - {field, *OPTION_FIELDS}:
+                return 400, f"unexpected form field(s) {sorted(names - {field, *OPTION_FIELDS})}; {hint}"
             if field == "image" and len(form.getlist(field)) > 1:
                 return (
                     400,
@@ -173,8 +178,24 @@ async def _check_form(scope: dict, body: bytes, field: str) -> tuple | None:
                 )
             if any(isinstance(value, str) for value in form.getlist(field)):
                 return 400, f"field '{field}' must be a file upload, not text; {hint}"
+            if "diameter" in names:
+                return _check_diameter(form.getlist("diameter"))
     except Exception as exc:
         return 400, f"the multipart body cannot be parsed ({exc}); {hint}"
+    return None
+
+
+def _check_diameter(values: list) -> tuple | None:
+    """(422, reason) unless `values` is one positive, finite number of pixels."""
+    hint = "send the objects' typical diameter in pixels, e.g. -F diameter=30, or leave it out (auto)"
+    if len(values) != 1 or not isinstance(values[0], str):
+        return 422, f"field 'diameter' must be one number, not a file or several values; {hint}"
+    try:
+        value = float(values[0])
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_DIAMETER:  # NaN fails too
+        return 422, f"field 'diameter' is {values[0][:40]!r}; {hint} (at most {MAX_DIAMETER:g})"
     return None
 
 

@@ -10,8 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from segflow.config import Params
-from segflow.core.inference import Preprocessing, scale_intensity, semantic_mask, standardize
-from segflow.core.instances import interior_target
+from segflow.core.inference import SEEDED, Preprocessing, scale_intensity, semantic_mask, standardize
+from segflow.core.instances import distance_target, interior_target
+from segflow.core.sizes import (
+    median_diameter,
+    resize_image,
+    resize_labels,
+    scale_for,
+    scaled_shape,
+)
 from segflow.data.samples import Sample
 from segflow.errors import UserError
 from segflow.evaluate.metrics import class_confusions, summarize_classes
@@ -24,8 +31,13 @@ from segflow.train.resume import ResumeFile, fingerprint
 log = logging.getLogger(__name__)
 
 
-def preprocessing_from(params: Params) -> Preprocessing:
-    """The inference contract implied by params (saved with every checkpoint)."""
+def preprocessing_from(params: Params, data_diameter: float = 0.0) -> Preprocessing:
+    """The inference contract implied by params (saved with every checkpoint).
+
+    Args:
+        data_diameter: the training images' median object diameter (see `data_diameter`),
+            recorded when train.diameter asks for size normalisation.
+    """
     base, infer = params.base, params.inference
     return Preprocessing(
         in_channels=base.in_channels,
@@ -42,7 +54,32 @@ def preprocessing_from(params: Params) -> Preprocessing:
         min_area=infer.min_area,
         tile_size=infer.tile_size,
         tile_overlap=infer.tile_overlap,
-    )
+        train_diameter=params.train.diameter or 0.0,
+        data_diameter=round(data_diameter, 3) if params.train.diameter else 0.0,
+    )  # diameter and tta stay at their defaults: evaluate chooses them (reports/postprocess.json)
+
+
+def data_diameter(samples: list[Sample]) -> float:
+    """The median over images of each image's typical object diameter (sizes.median_diameter),
+    in pixels; 0 without instance ids. Inference's first guess for an image of unknown size."""
+    found = [median_diameter(s.instances) for s in samples if s.instances is not None]
+    found = [d for d in found if d]
+    return float(np.median(found)) if found else 0.0
+
+
+def rescale_samples(samples: list[Sample], target: float, fallback: float) -> list[Sample]:
+    """Samples rescaled so each image's median object is `target` pixels across.
+
+    An image without objects is rescaled as if its objects had the `fallback` diameter (the
+    dataset's median), so background-only crops keep the dataset's usual scale.
+    """
+    out = []
+    for s in samples:
+        found = median_diameter(s.instances) if s.instances is not None else None
+        shape = scaled_shape(s.image.shape, scale_for(found or fallback, target))
+        instances = None if s.instances is None else resize_labels(s.instances, shape)
+        out.append(Sample(s.id, resize_image(s.image, shape), resize_labels(s.mask, shape), instances))
+    return out
 
 
 def build_augmentations(params: Params):
@@ -52,6 +89,8 @@ def build_augmentations(params: Params):
 
     aug, crop = params.train.augment, params.train.crop_size
     steps = []
+    if aug.scale:  # objects of several sizes around train.diameter (or the native size)
+        steps.append(A.RandomScale(scale_limit=aug.scale, p=1.0))
     if crop:
         steps.append(A.RandomCrop(height=crop, width=crop, pad_if_needed=True))
     steps += [
@@ -129,8 +168,14 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
 
     cfg = params.train
     torch.manual_seed(params.base.seed)
-    prep = preprocessing_from(params)
-    spec = model_spec(params.base, cfg, interior=prep.instances == "watershed")
+    prep = preprocessing_from(params, data_diameter(train))
+    if cfg.diameter:  # the network learns one object size; inference rescales to it
+        log.info(
+            "training at object diameter %.1f px (the training images' median: %.1f px)",
+            cfg.diameter, prep.data_diameter,
+        )  # fmt: skip
+        train = rescale_samples(train, cfg.diameter, prep.data_diameter)
+    spec = model_spec(params.base, cfg, interior=prep.instances in SEEDED)
     model = build_model(spec, cfg.encoder_weights)
     loss_fn = _make_loss(cfg.dice_weight, len(params.base.classes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -237,15 +282,20 @@ def _restore(state: dict, model, optimizer, scheduler, resume: ResumeFile) -> bo
 
 
 def _labels(sample: Sample, prep: Preprocessing, interior_margin: int) -> np.ndarray:
-    """What a sample teaches: (H, W) uint8 class ids, or (H, W, 2) class ids + interior for watershed."""
-    if prep.instances != "watershed":
+    """What a sample teaches: (H, W) uint8 class ids, or for watershed and distance models
+    (H, W, 2) uint8 class ids + the seed target scaled to 0-255 (interior 0/255, or distance)."""
+    if prep.instances not in SEEDED:
         return sample.mask
     if sample.instances is None:
         raise UserError(
-            f"{sample.id}: inference.instances is watershed but the dataset has no instance ids; "
+            f"{sample.id}: inference.instances is {prep.instances} but the dataset has no instance ids; "
             "use instance masks (ingest.mask_kind: instance, or COCO) or set inference.instances: components"
         )
-    return np.dstack([sample.mask, interior_target(sample.instances, interior_margin)])
+    if prep.instances == "distance":
+        seed = np.round(distance_target(sample.instances) * 255)
+    else:
+        seed = interior_target(sample.instances, interior_margin) * 255
+    return np.dstack([sample.mask, seed.astype(np.uint8)])
 
 
 def _target(labels: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
@@ -253,12 +303,12 @@ def _target(labels: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
 
     Returns:
         "semantic": (1, h, w) float32 foreground (two classes) or (h, w) int64 class ids;
-        "interior" (watershed only): (1, h, w) float32.
+        "interior" (watershed and distance): (1, h, w) float32 in [0, 1].
     """
     mask = labels[..., 0] if labels.ndim == 3 else labels
     target = {"semantic": (mask > 0).astype(np.float32)[None] if n_classes == 2 else mask.astype(np.int64)}
     if labels.ndim == 3:
-        target["interior"] = labels[..., 1].astype(np.float32)[None]
+        target["interior"] = (labels[..., 1].astype(np.float32) / 255.0)[None]
     return target
 
 
@@ -308,7 +358,9 @@ def _validate(
     n_classes = len(prep.classes)
     n_semantic = 1 if n_classes == 2 else n_classes
     counts, losses = [], []
-    for s, logit in zip(val, segmenter.logits([s.image for s in val]), strict=True):
+    # Model selection needs no size estimate: size-normalised models see each image at its true size.
+    diameters = [median_diameter(s.instances) if s.instances is not None else None for s in val]
+    for s, logit in zip(val, segmenter.logits([s.image for s in val], diameters), strict=True):
         target = _target(_labels(s, prep, interior_margin), n_classes)
         target = {k: torch.from_numpy(v)[None] for k, v in target.items()}
         losses.append(loss_fn(torch.from_numpy(logit)[None], target).item())

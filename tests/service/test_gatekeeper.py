@@ -30,7 +30,10 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64  # enough to pass through; decoding is t
 
 async def _accepted(request):
     form = await request.form()
-    sizes = {name: len(await value.read()) for name, value in form.multi_items()}
+    sizes = {
+        name: value if isinstance(value, str) else len(await value.read())
+        for name, value in form.multi_items()
+    }
     return JSONResponse({"accepted": sizes})
 
 
@@ -120,3 +123,15 @@ def test_the_batch_takes_several_files_in_its_own_field(make_client):
     files = [("images", ("a.png", PNG)), ("images", ("b.png", PNG))]
     response = client.post("/segment_batch", files=files)
     assert response.status_code == 200
+
+
+def test_an_optional_diameter_passes_and_a_bad_one_is_refused(make_client):
+    client, _ = make_client()
+    good = client.post("/segment", files={"image": ("a.png", PNG)}, data={"diameter": "32.5"})
+    assert good.status_code == 200 and good.json()["accepted"]["diameter"] == "32.5"
+    for value in ("0", "-4", "nan", "inf", "wide", "1e9"):
+        response = client.post("/segment", files={"image": ("a.png", PNG)}, data={"diameter": value})
+        assert response.status_code == 422, value
+        assert "diameter" in response.json()["error"] and "pixels" in response.json()["error"]
+    as_file = client.post("/segment", files={"image": ("a.png", PNG), "diameter": ("d.txt", b"30")})
+    assert as_file.status_code == 422

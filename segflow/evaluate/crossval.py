@@ -1,0 +1,172 @@
+"""Group k-fold cross-validation: how well the recipe does on images its model never saw.
+
+One small test split cannot say how good a model is (two images of 1024x1024 are two
+numbers). Cross-validation holds every image out once: the images are dealt into k folds by
+group (the groups the split stage defines, so one patient's or one well's images stay
+together); fold i is scored by a model trained, exactly as the train stage trains, on every
+other fold except fold i + 1, which plays the validation split (best epoch, post-processing
+and TTA chosen on it). The report gives every fold's scores and their mean and spread.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segflow.config import Params
+from segflow.core.sizes import resize_image, resize_labels, scaled_shape
+from segflow.data.samples import Sample
+from segflow.errors import UserError
+from segflow.evaluate.scoring import choose_postprocessing, score_predictions
+from segflow.train.checkpoints import checkpoint_segmenter
+from segflow.train.loop import train_model
+
+log = logging.getLogger(__name__)
+
+# The scores summarised per fold (those a set lacks, e.g. AP without instance ids, are left out).
+FOLD_METRICS = ("ap50", "ap", "ap75", "dice", "iou", "count_error")
+
+
+def assign_folds(groups: pd.Series, folds: int, seed: int) -> pd.Series:
+    """The fold (0..folds-1) of every row; rows of one group share a fold.
+
+    Groups are shuffled with `seed` (after sorting, so row order does not matter) and each
+    goes to the fold with the fewest images so far, which balances folds of unequal groups.
+
+    Raises:
+        UserError: fewer groups than folds.
+    """
+    names = np.array(sorted(groups.astype(str).unique()))
+    if len(names) < folds:
+        raise UserError(
+            f"crossval.folds {folds} needs at least {folds} groups of images, found {len(names)}; "
+            "lower crossval.folds or group less coarsely (split.group_regex, split.group_column)"
+        )
+    sizes = groups.astype(str).value_counts()
+    filled, fold_of = [0] * folds, {}
+    for name in names[np.random.default_rng(seed).permutation(len(names))]:
+        fold = int(np.argmin(filled))
+        fold_of[name] = fold
+        filled[fold] += int(sizes[name])
+    return groups.astype(str).map(fold_of).rename("fold")
+
+
+def fold_roles(fold: int, folds: int) -> dict[str, list[int]]:
+    """Which folds train, validate and are held out when scoring fold `fold`."""
+    val = (fold + 1) % folds
+    return {"held_out": [fold], "val": [val], "train": [f for f in range(folds) if f not in (fold, val)]}
+
+
+def rescaled(samples: list[Sample], scale: float) -> list[Sample]:
+    """The samples resized by `scale` (images by area or bilinear, masks and ids by nearest)."""
+    if scale == 1.0:
+        return samples
+    out = []
+    for s in samples:
+        shape = scaled_shape(s.image.shape, scale)
+        instances = None if s.instances is None else resize_labels(s.instances, shape)
+        out.append(Sample(s.id, resize_image(s.image, shape), resize_labels(s.mask, shape), instances))
+    return out
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    scores: dict[float, dict]  # scale -> summary of the held-out images at that scale
+    rows: list[dict]  # per held-out image and scale
+    chosen: dict  # the post-processing and TTA chosen on the fold's validation images
+    epochs: int
+    train_seconds: float
+
+
+def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdir: Path) -> FoldResult:
+    """Train on the fold's training folds, tune on its validation fold, score the held-out fold."""
+    roles = fold_roles(fold, len(samples))
+    train = [s for f in roles["train"] for s in samples[f]]
+    val, held_out = samples[roles["val"][0]], samples[fold]
+    log.info(
+        "fold %d: %d training, %d validation, %d held-out images", fold, len(train), len(val), len(held_out)
+    )
+    started = time.perf_counter()
+    history = train_model(params, train, val, workdir / f"fold{fold}.pt")
+    seconds = time.perf_counter() - started
+    segmenter = checkpoint_segmenter(workdir / f"fold{fold}.pt")
+    tuning = choose_postprocessing(segmenter, val, params.inference)
+    classes = list(segmenter.prep.classes)
+    scores, rows = {}, []
+    for scale in params.crossval.scales:
+        images = rescaled(held_out, scale)
+        result = score_predictions(segmenter.predict([s.image for s in images]), images, classes, "held_out")
+        scores[scale] = result.summary
+        rows += [
+            {"fold": fold, "scale": scale} | {k: v for k, v in r.items() if k != "split"} for r in result.rows
+        ]
+    prep = tuning.prep
+    chosen = {"threshold": prep.threshold, "seed_threshold": prep.seed_threshold, "min_area": prep.min_area,
+              "tta": prep.tta}  # fmt: skip
+    return FoldResult(fold, scores, rows, chosen, len(history), seconds)
+
+
+def cross_validate(params: Params, samples: list[Sample], folds: pd.Series) -> list[FoldResult]:
+    """Run every fold (fold ids aligned with `samples`), training one model per fold."""
+    k = params.crossval.folds
+    by_fold = {f: [s for s, g in zip(samples, folds, strict=True) if g == f] for f in range(k)}
+    with tempfile.TemporaryDirectory(prefix="segflow-crossval-") as tmp:
+        return [run_fold(params, by_fold, fold, Path(tmp)) for fold in range(k)]
+
+
+def summarize_folds(results: list[FoldResult], scales: list[float]) -> dict:
+    """reports/crossval.json: per fold, and mean, standard deviation, min and max over folds.
+
+    Keys are per scale: "scale_1.0" etc., so `dvc metrics show` can compare them.
+    """
+    out: dict = {"folds": len(results), "images": sum(int(r.scores[scales[0]]["images"]) for r in results)}
+    for scale in scales:
+        per_fold = [r.scores[scale] for r in results]
+        metrics = [m for m in FOLD_METRICS if all(m in s for s in per_fold)]
+        block = {}
+        for m in metrics:
+            values = np.array([s[m] for s in per_fold], float)
+            block[m] = {
+                "mean": round(float(values.mean()), 6),
+                "std": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 6),
+                "min": round(float(values.min()), 6),
+                "max": round(float(values.max()), 6),
+            }
+        block["per_fold"] = [_fold_row(r, scale, metrics) for r in results]
+        out[f"scale_{scale:g}"] = block
+    out["chosen"] = [{"fold": r.fold, "epochs": r.epochs} | r.chosen for r in results]
+    return out
+
+
+def _fold_row(result: FoldResult, scale: float, metrics: list[str]) -> dict:
+    scores = result.scores[scale]
+    return {"fold": result.fold, "images": int(scores["images"])} | {
+        m: round(float(scores[m]), 6) for m in metrics
+    }
+
+
+def fold_table(summary: dict) -> list[dict]:
+    """reports/plots/crossval_folds.csv: one row per fold and scale."""
+    return [
+        row | {"scale": float(key.removeprefix("scale_"))}
+        for key, block in summary.items()
+        if key.startswith("scale_")
+        for row in block["per_fold"]
+    ]
+
+
+def describe(summary: dict, scales: list[float]) -> str:
+    """The cross-validated scores, mean ± standard deviation over folds, one line per scale."""
+    lines = [f"crossval: {summary['folds']} folds, {summary['images']} images, each scored once unseen"]
+    for scale in scales:
+        block = summary[f"scale_{scale:g}"]
+        cells = [f"{m} {block[m]['mean']:.3f} ± {block[m]['std']:.3f}" for m in FOLD_METRICS if m in block]
+        lines.append(f"  scale {scale:g}: " + ", ".join(cells))
+    return "\n".join(lines)

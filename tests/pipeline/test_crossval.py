@@ -1,0 +1,86 @@
+"""Cross-validation and size normalisation through the real `dvc repro` on the tiny copy.
+
+The tiny models are far too weak for their scores to mean anything; what is checked is the
+bookkeeping (every image held out once, per-fold and mean ± spread per scale, DVC metrics,
+MLflow) and that a size-normalised, distance-seeded model goes through export's ONNX parity
+check and `segflow predict` with its size settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+def _set(repo: Path, changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        section = params
+        for name in parents:
+            section = section[name]
+        section[key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_crossval_is_off_by_default_and_says_so(built_repo: Path):
+    assert json.loads((built_repo / "reports/crossval/summary.json").read_text()) == {"folds": 0}
+    assert "crossval: off" in (built_repo / "first_repro.log").read_text()
+
+
+def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: Path):
+    _set(repo_copy, {"crossval.folds": 3, "crossval.scales": [1.0, 0.5], "train.epochs": 1,
+                     "train.diameter": 12, "inference.instances": "distance",
+                     "inference.tta_grid": ["none", "flips"]})  # fmt: skip
+    out = run(["dvc", "repro", "crossval"], repo_copy).stdout
+    assert "Running stage 'train'" not in out  # the pipeline's own model is not retrained
+    summary = json.loads((repo_copy / "reports/crossval/summary.json").read_text())
+    assert summary["folds"] == 3 and summary["images"] == 16
+    for key in ("scale_1", "scale_0.5"):
+        block = summary[key]
+        assert [row["fold"] for row in block["per_fold"]] == [0, 1, 2]
+        assert sum(row["images"] for row in block["per_fold"]) == 16
+        for metric in ("ap50", "ap", "ap75", "dice", "count_error"):
+            stats = block[metric]
+            assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
+    assert {row["tta"] for row in summary["chosen"]} <= {"none", "flips"}
+    images = (repo_copy / "reports/crossval/images.csv").read_text().splitlines()
+    assert len(images) == 1 + 16 * 2  # every image once per scale
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo_copy).stdout)
+    assert "reports/crossval/summary.json" in json.dumps(shown)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo_copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("segflow-crossval")
+    [cv_run] = client.search_runs([experiment.experiment_id])
+    assert cv_run.data.metrics["cv_scale_1_ap50_mean"] == summary["scale_1"]["ap50"]["mean"]
+    assert cv_run.data.tags["segflow.stage"] == "crossval"
+    history = client.get_metric_history(cv_run.info.run_id, "fold_scale_1_ap50")
+    assert [m.step for m in history] == [0, 1, 2]
+
+
+def test_a_size_normalised_distance_model_exports_and_predicts(repo_copy: Path):
+    _set(repo_copy, {"train.diameter": 12, "train.augment.scale": 0.2, "inference.instances": "distance",
+                     "inference.tta_grid": ["none", "flips"]})  # fmt: skip
+    log = run(["dvc", "repro", "export"], repo_copy)
+    assert "model time per val image by tta: none" in log.stdout
+    prep = json.loads((repo_copy / "artifacts/export/preprocessing.json").read_text())
+    assert prep["instances"] == "distance" and prep["train_diameter"] == 12
+    assert prep["data_diameter"] > 0 and prep["diameter"] == "auto" and prep["tta"] in ("none", "flips")
+    assert json.loads((repo_copy / "artifacts/export/parity.json").read_text())["max_abs_diff"] <= 1e-4
+    image = sorted((repo_copy / "data/images").iterdir())[0]
+    for extra in ([], ["--diameter", "9"]):
+        out = run(
+            ["segflow", "predict", str(image), "--model", "artifacts/export", "--out", "p", *extra], repo_copy
+        )
+        assert "objects" in out.stdout
+    refused = run(["segflow", "predict", str(image), "--diameter", "-2"], repo_copy, check=False)
+    assert refused.returncode == 2 and "positive number of pixels" in refused.stderr

@@ -1,0 +1,96 @@
+"""Cross-validation bookkeeping: grouped folds, each fold's roles, the summary over folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from segflow.config import ParamsError, parse_params
+from segflow.data.samples import Sample
+from segflow.errors import UserError
+from segflow.evaluate.crossval import (
+    FoldResult,
+    assign_folds,
+    describe,
+    fold_roles,
+    fold_table,
+    rescaled,
+    summarize_folds,
+)
+
+
+def test_folds_keep_groups_together_balance_images_and_repeat():
+    groups = pd.Series(["a"] * 4 + ["b"] * 3 + list("cdefghij"))  # 15 images, 10 groups
+    folds = assign_folds(groups, 3, seed=7)
+    for name in groups.unique():
+        assert folds[groups == name].nunique() == 1
+    counts = folds.value_counts()
+    assert sorted(counts.index) == [0, 1, 2] and counts.max() - counts.min() <= 1
+    assert folds.equals(assign_folds(groups, 3, seed=7))
+    shuffled = groups.sample(frac=1, random_state=0)
+    assert assign_folds(shuffled, 3, seed=7).sort_index().equals(folds)  # row order does not matter
+
+
+def test_too_few_groups_for_the_folds_is_a_clear_error():
+    with pytest.raises(UserError, match=r"crossval\.folds 5 needs at least 5 groups"):
+        assign_folds(pd.Series(["a", "a", "b", "c"]), 5, seed=0)
+
+
+def test_every_fold_is_held_out_once_and_never_trains_on_itself():
+    roles = [fold_roles(i, 5) for i in range(5)]
+    assert sorted(r["held_out"][0] for r in roles) == list(range(5))
+    for i, r in enumerate(roles):
+        assert r["val"] == [(i + 1) % 5] and set(r["train"]) == set(range(5)) - {i, (i + 1) % 5}
+
+
+def test_rescaled_samples_shrink_images_and_ids_together():
+    ids = np.zeros((40, 40), np.uint16)
+    ids[5:25, 5:25] = 3
+    sample = Sample("x", np.full((40, 40), 100, np.uint8), (ids > 0).astype(np.uint8), ids)
+    [small] = rescaled([sample], 0.5)
+    assert small.image.shape == small.mask.shape == small.instances.shape == (20, 20)
+    assert (small.instances == 3).sum() == 100 and small.id == "x"
+    assert rescaled([sample], 1.0)[0] is sample
+
+
+def _result(fold: int, ap50: float) -> FoldResult:
+    scores = {
+        1.0: {"images": 2, "ap50": ap50, "dice": 0.8},
+        0.6: {"images": 2, "ap50": ap50 - 0.1, "dice": 0.7},
+    }
+    return FoldResult(fold, scores, [], {"threshold": 0.5, "tta": "none"}, epochs=3, train_seconds=1.0)
+
+
+def test_summary_gives_mean_spread_and_every_fold_per_scale():
+    summary = summarize_folds([_result(0, 0.8), _result(1, 0.9), _result(2, 1.0)], [1.0, 0.6])
+    assert summary["folds"] == 3 and summary["images"] == 6
+    block = summary["scale_1"]
+    assert block["ap50"]["mean"] == pytest.approx(0.9) and block["ap50"]["std"] == pytest.approx(0.1)
+    assert (block["ap50"]["min"], block["ap50"]["max"]) == (0.8, 1.0)
+    assert summary["scale_0.6"]["ap50"]["mean"] == pytest.approx(0.8)
+    assert [row["fold"] for row in block["per_fold"]] == [0, 1, 2]
+    assert len(fold_table(summary)) == 6 and {r["scale"] for r in fold_table(summary)} == {1.0, 0.6}
+    assert "ap50 0.900 ± 0.100" in describe(summary, [1.0, 0.6])
+
+
+@pytest.mark.parametrize(("value", "words"), [(2, "at least 3 folds"), (1, "at least 3 folds")])
+def test_crossval_params_are_checked(value, words):
+    with pytest.raises(ParamsError, match=words):
+        parse_params({"crossval": {"folds": value}})
+    with pytest.raises(ParamsError, match=r"\(0, 4\]"):
+        parse_params({"crossval": {"folds": 3, "scales": [0]}})
+
+
+def test_size_normalisation_needs_instance_ids():
+    semantic = {
+        "ingest": {"mask_kind": "semantic", "mask_values": [0, 255]},
+        "convert": {"foreground_values": [255]},
+    }
+    with pytest.raises(ParamsError, match=r"train\.diameter"):
+        parse_params(semantic | {"train": {"diameter": 30}, "inference": {"instances": "components"}})
+    with pytest.raises(ParamsError, match=r"inference\.instances: distance"):
+        parse_params(semantic | {"inference": {"instances": "distance"}})
+    assert (
+        parse_params({"train": {"diameter": 30}, "inference": {"diameter": 12.5}}).inference.diameter == 12.5
+    )

@@ -1,0 +1,104 @@
+"""Object size: measuring it, rescaling to the trained size, and the Segmenter doing both."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segflow.core.inference import Preprocessing, Segmenter
+from segflow.core.sizes import median_diameter, resize_labels, resize_planes, scale_for
+from segflow.errors import UserError
+
+
+def disks(size: int, radius: int, spacing: int) -> np.ndarray:
+    """(size, size) uint16 ids: a grid of separate disks of `radius` pixels."""
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((size, size), np.uint16)
+    n = 0
+    for cy in range(spacing // 2, size - radius, spacing):
+        for cx in range(spacing // 2, size - radius, spacing):
+            n += 1
+            out[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = n
+    return out
+
+
+def test_median_diameter_is_the_equal_area_diameter_weighted_by_area():
+    image = disks(200, 10, 40)
+    assert median_diameter(image) == pytest.approx(20, rel=0.05)
+    specks = image.copy()
+    specks[0:40:4, 0:200:4] = np.arange(1000, 1000 + 500, dtype=np.uint16)[:500].reshape(10, 50)
+    # 500 one-pixel specks outnumber the 16 disks but hold few pixels: the estimate holds.
+    assert median_diameter(specks) == pytest.approx(20, rel=0.1)
+    assert median_diameter(np.zeros((8, 8), np.uint16)) is None
+
+
+def test_scale_for_is_clamped_and_neutral_when_unknown():
+    assert scale_for(40, 20) == 0.5
+    assert scale_for(None, 20) == 1.0 and scale_for(0, 20) == 1.0
+    assert scale_for(1, 30) == 4.0 and scale_for(1000, 30) == 0.25
+
+
+def test_resizing_keeps_ids_and_shapes():
+    labels = disks(64, 6, 16)
+    small = resize_labels(labels, (32, 32))
+    assert small.dtype == labels.dtype and set(np.unique(small)) <= set(np.unique(labels))
+    planes = np.random.default_rng(0).random((2, 30, 40), dtype=np.float32)
+    assert resize_planes(planes, (60, 80)).shape == (2, 60, 80)
+
+
+class DiskModel:
+    """A stand-in network that is scale-aware like a trained one: its foreground logit is the
+    input itself, its seed channel the foreground eroded; it records every input shape."""
+
+    def __init__(self):
+        self.shapes: list[tuple[int, int]] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.shapes += [tuple(x.shape[1:]) for x in batch]
+        fg = np.where(batch[:, :1] > 0, 8.0, -8.0).astype(np.float32)
+        return np.concatenate([fg, fg], axis=1)  # (N, 2, H, W): foreground and seed logits
+
+
+def _segmenter(model, **prep) -> Segmenter:
+    base = {
+        "in_channels": 1,
+        "mean": 0.0,
+        "std": 1.0,
+        "pad_multiple": 1,
+        "threshold": 0.5,
+        "scaling": "range",
+    }
+    base |= {"instances": "distance", "seed_threshold": 0.5, "train_diameter": 20.0, "data_diameter": 20.0}
+    return Segmenter(model, Preprocessing(**(base | prep)))
+
+
+def test_a_given_diameter_rescales_the_input_and_results_come_back_at_full_size():
+    image = (disks(128, 20, 64) > 0).astype(np.uint8) * 255  # disks 40 px across
+    model = DiskModel()
+    [prediction] = _segmenter(model).predict([image], diameters=[40.0])
+    assert model.shapes == [(64, 64)]  # 40 px objects -> the trained 20 px: half size
+    assert prediction.instances.shape == image.shape and prediction.instances.max() == 4
+
+
+def test_auto_estimates_each_images_object_size_with_a_first_pass():
+    image = (disks(128, 20, 64) > 0).astype(np.uint8) * 255
+    model = DiskModel()
+    [prediction] = _segmenter(model, diameter="auto").predict([image])
+    assert model.shapes == [(128, 128), (64, 64)]  # first guess: the training data's scale (1)
+    assert prediction.instances.max() == 4
+    model.shapes.clear()
+    _segmenter(model, diameter=40.0).predict([image])  # a fixed diameter needs one pass
+    assert model.shapes == [(64, 64)]
+
+
+def test_models_at_native_scale_ignore_diameters():
+    image = np.zeros((32, 32), np.uint8)
+    model = DiskModel()
+    _segmenter(model, train_diameter=0.0).predict([image], diameters=[80.0])
+    assert model.shapes == [(32, 32)]
+
+
+@pytest.mark.parametrize("bad", [0.0, -3.0, float("nan"), float("inf")])
+def test_a_bad_diameter_is_refused_by_name(bad):
+    with pytest.raises(UserError, match="diameter"):
+        _segmenter(DiskModel()).predict([np.zeros((16, 16), np.uint8)], diameters=[bad])

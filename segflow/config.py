@@ -352,6 +352,7 @@ class CrossvalParams(_Section):
     # the other folds but fold i + 1, which picks its post-processing (as val does).
     folds: int = Field(0, ge=0)
     scales: list[float] = [1.0]  # held-out images are also scored rescaled by these factors
+    subsets: dict[str, list[str]] = {}  # named groups of image ids also scored on their own (e.g. thin cells)
 
     @field_validator("folds")
     @classmethod

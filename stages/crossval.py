@@ -49,7 +49,8 @@ def main() -> None:
     started = time.perf_counter()
     results = cross_validate(params, samples, folds)
     minutes = (time.perf_counter() - started) / 60
-    summary = summarize_folds(results, cfg.scales)
+    classes = list(params.base.classes)
+    summary = summarize_folds(results, cfg.scales, classes, cfg.subsets)
     with replace_dir(OUT) as out:
         write_json(out / "summary.json", summary)
         write_csv(out / "folds.csv", fold_table(summary))

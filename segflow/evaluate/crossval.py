@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from segflow.config import Params
+from segflow.core.inference import Prediction
 from segflow.core.sizes import resize_image, resize_labels, scaled_shape
 from segflow.data.samples import Sample
 from segflow.errors import UserError
@@ -83,6 +84,8 @@ class FoldResult:
     chosen: dict  # the post-processing and TTA chosen on the fold's validation images
     epochs: int
     train_seconds: float
+    # scale -> (held-out samples at that scale, their predictions), for pooled scores
+    held_out: dict[float, tuple[list[Sample], list[Prediction]]] = field(default_factory=dict)
 
 
 def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdir: Path) -> FoldResult:
@@ -99,32 +102,51 @@ def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdi
     segmenter = checkpoint_segmenter(workdir / f"fold{fold}.pt")
     tuning = choose_postprocessing(segmenter, val, params.inference)
     classes = list(segmenter.prep.classes)
-    scores, rows = {}, []
+    scores, rows, kept = {}, [], {}
     for scale in params.crossval.scales:
         images = rescaled(held_out, scale)
-        result = score_predictions(segmenter.predict([s.image for s in images]), images, classes, "held_out")
-        scores[scale] = result.summary
+        predictions = segmenter.predict([s.image for s in images])
+        result = score_predictions(predictions, images, classes, "held_out")
+        scores[scale], kept[scale] = result.summary, (images, predictions)
         rows += [
             {"fold": fold, "scale": scale} | {k: v for k, v in r.items() if k != "split"} for r in result.rows
         ]
     prep = tuning.prep
-    chosen = {"threshold": prep.threshold, "seed_threshold": prep.seed_threshold, "min_area": prep.min_area,
-              "tta": prep.tta}  # fmt: skip
-    return FoldResult(fold, scores, rows, chosen, len(history), seconds)
+    chosen = {k: getattr(prep, k) for k in ("threshold", "seed_threshold", "min_area", "tta")}
+    return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept)
+
+
+def check_subsets(subsets: dict[str, list[str]], ids: list[str]) -> None:
+    """Raise UserError naming the subset ids that are not images of the dataset."""
+    known = set(ids)
+    for name, members in subsets.items():
+        unknown = sorted(set(members) - known)
+        if unknown:
+            raise UserError(
+                f"crossval.subsets.{name} names {unknown[:5]}, which are not image ids of the dataset "
+                f"(ids are file stems, e.g. {sorted(known)[:3]})"
+            )
 
 
 def cross_validate(params: Params, samples: list[Sample], folds: pd.Series) -> list[FoldResult]:
     """Run every fold (fold ids aligned with `samples`), training one model per fold."""
+    check_subsets(params.crossval.subsets, [s.id for s in samples])
     k = params.crossval.folds
     by_fold = {f: [s for s, g in zip(samples, folds, strict=True) if g == f] for f in range(k)}
     with tempfile.TemporaryDirectory(prefix="segflow-crossval-") as tmp:
         return [run_fold(params, by_fold, fold, Path(tmp)) for fold in range(k)]
 
 
-def summarize_folds(results: list[FoldResult], scales: list[float]) -> dict:
+def summarize_folds(
+    results: list[FoldResult], scales: list[float], classes: list[str] | None = None,
+    subsets: dict[str, list[str]] | None = None,
+) -> dict:  # fmt: skip
     """reports/crossval.json: per fold, and mean, standard deviation, min and max over folds.
 
-    Keys are per scale: "scale_1.0" etc., so `dvc metrics show` can compare them.
+    Keys are per scale: "scale_1", "scale_0.6", so `dvc metrics show` can compare them. With
+    `classes`, each scale also gets "pooled" (every held-out image scored together, as one
+    set of unseen images) and one entry per named subset of images (`subsets`, e.g. the
+    thin-cell images), scored the same way.
     """
     out: dict = {"folds": len(results), "images": sum(int(r.scores[scales[0]]["images"]) for r in results)}
     for scale in scales:
@@ -140,9 +162,29 @@ def summarize_folds(results: list[FoldResult], scales: list[float]) -> dict:
                 "max": round(float(values.max()), 6),
             }
         block["per_fold"] = [_fold_row(r, scale, metrics) for r in results]
+        if classes is not None:
+            block["pooled"] = _pooled(results, scale, classes, metrics)
+            for name, ids in (subsets or {}).items():
+                block[f"subset_{name}"] = _pooled(results, scale, classes, metrics, set(ids))
         out[f"scale_{scale:g}"] = block
     out["chosen"] = [{"fold": r.fold, "epochs": r.epochs} | r.chosen for r in results]
     return out
+
+
+def _pooled(
+    results: list[FoldResult], scale: float, classes: list[str], metrics: list[str], ids=None
+) -> dict:
+    """Held-out images of every fold (those in `ids`, when given) scored together."""
+    pairs = [
+        (s, p) for r in results for s, p in zip(*r.held_out[scale], strict=True) if ids is None or s.id in ids
+    ]
+    if not pairs:
+        raise UserError(f"crossval.subsets names images that are not in the dataset: {sorted(ids or [])}")
+    samples, predictions = zip(*pairs, strict=True)
+    summary = score_predictions(list(predictions), list(samples), classes, "pooled").summary
+    return {"images": int(summary["images"])} | {
+        m: round(float(summary[m]), 6) for m in metrics if m in summary
+    }
 
 
 def _fold_row(result: FoldResult, scale: float, metrics: list[str]) -> dict:
@@ -168,5 +210,9 @@ def describe(summary: dict, scales: list[float]) -> str:
     for scale in scales:
         block = summary[f"scale_{scale:g}"]
         cells = [f"{m} {block[m]['mean']:.3f} ± {block[m]['std']:.3f}" for m in FOLD_METRICS if m in block]
-        lines.append(f"  scale {scale:g}: " + ", ".join(cells))
+        lines.append(f"  scale {scale:g}, mean ± sd over folds: " + ", ".join(cells))
+        for key in (k for k in block if k == "pooled" or k.startswith("subset_")):
+            pooled = block[key]
+            cells = [f"{m} {pooled[m]:.3f}" for m in FOLD_METRICS if m in pooled]
+            lines.append(f"    {key} ({pooled['images']} images): " + ", ".join(cells))
     return "\n".join(lines)

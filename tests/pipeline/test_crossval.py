@@ -37,6 +37,7 @@ def test_crossval_is_off_by_default_and_says_so(built_repo: Path):
 
 def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: Path):
     _set(repo_copy, {"crossval.folds": 3, "crossval.scales": [1.0, 0.5], "train.epochs": 1,
+                     "crossval.subsets": {"two": ["cells_0000", "cells_0001"]},
                      "train.diameter": 12, "inference.instances": "distance",
                      "inference.tta_grid": ["none", "flips"]})  # fmt: skip
     out = run(["dvc", "repro", "crossval"], repo_copy).stdout
@@ -50,6 +51,7 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
         for metric in ("ap50", "ap", "ap75", "dice", "count_error"):
             stats = block[metric]
             assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
+        assert block["pooled"]["images"] == 16 and block["subset_two"]["images"] == 2
     assert {row["tta"] for row in summary["chosen"]} <= {"none", "flips"}
     images = (repo_copy / "reports/crossval/images.csv").read_text().splitlines()
     assert len(images) == 1 + 16 * 2  # every image once per scale

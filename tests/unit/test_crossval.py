@@ -7,11 +7,13 @@ import pandas as pd
 import pytest
 
 from segflow.config import ParamsError, parse_params
+from segflow.core.inference import Prediction
 from segflow.data.samples import Sample
 from segflow.errors import UserError
 from segflow.evaluate.crossval import (
     FoldResult,
     assign_folds,
+    check_subsets,
     describe,
     fold_roles,
     fold_table,
@@ -94,3 +96,28 @@ def test_size_normalisation_needs_instance_ids():
     assert (
         parse_params({"train": {"diameter": 30}, "inference": {"diameter": 12.5}}).inference.diameter == 12.5
     )
+
+
+def _square(i: int, shift: int, confidence: float) -> tuple[Sample, Prediction]:
+    """An image with one 10x10 object, and a prediction of it shifted by `shift` pixels."""
+    truth = np.zeros((20, 20), np.uint16)
+    truth[5:15, 5:15] = 1
+    pred = np.roll(truth, shift, axis=1)
+    mask = (pred > 0).astype(np.uint8)
+    sample = Sample(f"img{i}", np.zeros((20, 20), np.uint8), (truth > 0).astype(np.uint8), truth)
+    return sample, Prediction(mask.astype(np.float32), mask * np.float32(confidence), mask, pred)
+
+
+def test_pooled_and_subset_scores_use_every_held_out_image_once():
+    results = []
+    for fold, shift in enumerate((0, 6)):  # fold 0 perfect; fold 1's object overlaps by IoU 0.25
+        sample, prediction = _square(fold, shift, confidence=0.9 - 0.3 * fold)
+        scores = {1.0: {"images": 1, "ap50": 1.0 - fold}}
+        results.append(FoldResult(fold, scores, [], {}, 1, 1.0, {1.0: ([sample], [prediction])}))
+    summary = summarize_folds(results, [1.0], ["background", "cell"], {"hard": ["img1"]})
+    block = summary["scale_1"]
+    # Pooled: the confident, right object first, then the wrong one: precision 1 up to recall 0.5.
+    assert block["pooled"]["images"] == 2 and block["pooled"]["ap50"] == pytest.approx(0.5, abs=0.01)
+    assert block["subset_hard"] == {"images": 1, "ap50": 0.0}
+    with pytest.raises(UserError, match="imgX"):
+        check_subsets({"hard": ["img1", "imgX"]}, ["img0", "img1"])

@@ -297,21 +297,27 @@ class Segmenter:
         scales = [scale_for(d, prep.train_diameter) if d else guess for d in given]
         logits = self._scaled_logits(inputs, scales)
         unknown = [i for i, d in enumerate(given) if not d]
-        if not unknown:
-            return logits
-        # Estimate each image's object size from a first pass at the training data's usual
-        # scale, then run again where that estimate changes the scale by more than 10%.
-        for i in unknown:  # within 4x of the first guess: a poor first pass must not run wild
+        if unknown:
+            self._rerun_at_estimated_sizes(inputs, logits, unknown, guess)
+        return logits
+
+    def _rerun_at_estimated_sizes(
+        self, inputs: list[np.ndarray], logits: list[np.ndarray], which: list[int], guess: float
+    ) -> None:
+        """Measure the objects of images `which` in their first-pass logits (run at the scale
+        `guess`) and replace those logits by a run at the scale the measurement implies, where
+        it differs from `guess` by more than 10%. The new scale stays within 4x of `guess`, so
+        a poor first pass cannot blow an image up or shrink it away."""
+        prep, scales = self.prep, {}
+        for i in which:
             found = median_diameter(to_prediction(logits[i], prep).instances)
             scale = scale_for(found, prep.train_diameter) if found else guess
             scales[i] = float(np.clip(scale, guess / 4, guess * 4))
             log.debug("image %d: objects about %s px across, scale %.3f", i, found, scales[i])
-        again = [i for i in unknown if abs(scales[i] / guess - 1) > 0.1]
-        for i, logit in zip(
-            again, self._scaled_logits([inputs[i] for i in again], [scales[i] for i in again]), strict=True
-        ):
+        again = [i for i in which if abs(scales[i] / guess - 1) > 0.1]
+        rerun = self._scaled_logits([inputs[i] for i in again], [scales[i] for i in again])
+        for i, logit in zip(again, rerun, strict=True):
             logits[i] = logit
-        return logits
 
     def _scaled_logits(self, inputs: list[np.ndarray], scales: list[float]) -> list[np.ndarray]:
         """Model logits of (C, H, W) inputs each rescaled by its factor, resized back to its size."""

@@ -124,6 +124,7 @@ class SegflowService:
             folder / "model.onnx", folder / "preprocessing.json", self.config.threads
         )
         self.segmenter.batch_size = self.config.model_batch_size
+        self.segmenter.max_pixels = self.config.max_pixels  # also after rescaling to the trained object size
         self.classes = list(self.segmenter.prep.classes)
         self.batcher = MicroBatcher(self._predict, self.config.model_batch_size, model_batch_size.observe)
         self.model_info = model_info(dict(self.model.info.labels), str(self.model.tag))

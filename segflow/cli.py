@@ -133,6 +133,7 @@ def _predict(args) -> int:
     serve = load_params().serve
     # The service's decoding and size rules; only the upload byte cap does not apply to local files.
     limits = UploadLimits(2**62, serve.max_pixels, tuple(serve.formats), tuple(serve.dtypes))
+    segmenter.max_pixels = serve.max_pixels  # as the service: also after rescaling to the trained object size
     files = _image_files(args.images)
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0

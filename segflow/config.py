@@ -211,6 +211,16 @@ class TrainParams(_Section):
     # pixels across, and inference rescales to match (inference.diameter); null = native scale.
     diameter: float | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _rescaling_needs_crops(self) -> TrainParams:
+        # Rescaled images differ in size and are no multiple of 32: only crops batch them.
+        if self.crop_size is None and (self.diameter or self.augment.scale):
+            raise ValueError(
+                "train.diameter and train.augment.scale rescale images to sizes that do not stack "
+                "into batches; set train.crop_size (e.g. 256) or turn both off"
+            )
+        return self
+
     @field_validator("decoder_channels")
     @classmethod
     def _five_decoder_stages(cls, channels: list[int]) -> list[int]:
@@ -283,8 +293,8 @@ class InferenceParams(_Section):
     # Models trained with train.diameter: the objects' diameter in the images to segment, in
     # pixels, or auto (estimated per image by a first pass). Ignored at native scale.
     diameter: Literal["auto"] | float = "auto"
-    tta: Literal["none", "flips", "d4"] = "none"  # test-time augmentation: average flipped/rotated views
-    tta_grid: list[Literal["none", "flips", "d4"]] = ["none"]  # what tune tries (val), with latency
+    tta: Literal["none", "flips", "d4"] = "none"  # test-time augmentation (used as is when tune is false)
+    tta_grid: list[Literal["none", "flips", "d4"]] = ["none"]  # what tune tries on val (then tta is unused)
     tune: bool = True  # evaluate picks threshold, seed_threshold and min_area on the validation split
     threshold_grid: list[float] = [0.4, 0.5, 0.6]
     seed_threshold_grid: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
@@ -297,6 +307,14 @@ class InferenceParams(_Section):
         if not grid or not all(0 < v < 1 for v in grid):
             raise ValueError(f"need at least one probability strictly between 0 and 1, got {grid}")
         return sorted(set(grid))
+
+    @field_validator("tta_grid")
+    @classmethod
+    def _cheapest_first(cls, grid: list[str]) -> list[str]:
+        # Tuning breaks ties toward the earlier mode: order by cost (views), not by how it was written.
+        if not grid:
+            raise ValueError("need at least one mode, e.g. [none] or [none, flips]")
+        return sorted(set(grid), key=["none", "flips", "d4"].index)
 
     @field_validator("diameter")
     @classmethod

@@ -1,10 +1,10 @@
 """crossval: group k-fold cross-validation of the training recipe (crossval.folds; 0 = off).
 
 Every image (train, val and test alike) is held out once and scored by a model trained as
-the train stage trains, on folds that do not hold it. Writes reports/crossval.json (every
-fold and mean ± spread, per crossval.scales factor) with per-fold and per-image tables in
-reports/crossval/, and an MLflow run. The gate still reads the test split of the model
-train produced.
+the train stage trains, on folds that do not hold it. Writes reports/crossval/summary.json
+(every fold, mean ± spread, pooled and subset scores, per crossval.scales factor), folds.csv
+and images.csv beside it, and a run in MLflow experiment segflow-crossval. The gate still
+reads the test split of the model train produced.
 """
 
 from __future__ import annotations
@@ -55,36 +55,20 @@ def main() -> None:
         write_json(out / "summary.json", summary)
         write_csv(out / "folds.csv", fold_table(summary))
         write_csv(out / "images.csv", [row for r in results for row in r.rows])
-    _log(params, summary, results, minutes)
     print(describe(summary, cfg.scales))
     print(f"crossval: {len(results)} models trained in {minutes:.1f} min "
           f"({sum(r.train_seconds for r in results) / 60:.1f} min of training)")  # fmt: skip
+    _log(params, summary, results, minutes)
 
 
 def _log(params, summary: dict, results, minutes: float) -> None:
-    """One MLflow run: the params, mean/std per metric and scale, each fold's scores as steps."""
     import mlflow
 
     tags = tracking.lineage_tags("crossval", params.digest(), data_hash(SPLIT))
     with tracking.stage_run("crossval", tags, tracking.CROSSVAL_EXPERIMENT):
-        mlflow.log_params(
-            tracking.flatten("", params.model_dump(mode="json", include={"train", "inference", "crossval"}))
-        )
-        for key, block in summary.items():
-            if not key.startswith("scale_"):
-                continue
-            for metric, stats in block.items():
-                if isinstance(stats, dict):
-                    mlflow.log_metrics(
-                        {f"cv_{key}_{metric}_mean": stats["mean"], f"cv_{key}_{metric}_std": stats["std"]}
-                    )
-            for row in block["per_fold"]:
-                scores = {f"fold_{key}_{m}": v for m, v in row.items() if m not in ("fold", "images")}
-                mlflow.log_metrics(scores, step=row["fold"])
-        mlflow.log_metrics(
-            {"cv_minutes": minutes, "cv_train_minutes": sum(r.train_seconds for r in results) / 60}
-        )
-        mlflow.log_artifacts(str(OUT), "crossval")
+        logged = params.model_dump(mode="json", include={"train", "inference", "crossval"})
+        mlflow.log_params(tracking.flatten("", logged))
+        tracking.log_crossval(summary, minutes, sum(r.train_seconds for r in results) / 60, OUT)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,9 @@ class Segmenter:
         self._run_batch = run_batch
         self.prep = prep
         self.batch_size = batch_size
+        # Size-normalised models enlarge images of small objects (up to 4x per side); the service
+        # sets this to serve.max_pixels so no request grows past what it would accept.
+        self.max_pixels = 0  # 0 = no limit
 
     @classmethod
     def from_onnx(
@@ -314,6 +317,8 @@ class Segmenter:
             scale = scale_for(found, prep.train_diameter) if found else guess
             scales[i] = float(np.clip(scale, guess / 4, guess * 4))
             log.debug("image %d: objects about %s px across, scale %.3f", i, found, scales[i])
+        # Within 10% the first pass is as good as a second (the scale augmentation in training
+        # covers more than that), and skipping it halves the cost for typical images.
         again = [i for i in which if abs(scales[i] / guess - 1) > 0.1]
         rerun = self._scaled_logits([inputs[i] for i in again], [scales[i] for i in again])
         for i, logit in zip(again, rerun, strict=True):
@@ -321,9 +326,17 @@ class Segmenter:
 
     def _scaled_logits(self, inputs: list[np.ndarray], scales: list[float]) -> list[np.ndarray]:
         """Model logits of (C, H, W) inputs each rescaled by its factor, resized back to its size."""
-        scaled = [resize_planes(x, scaled_shape(x.shape[1:], s)) for x, s in zip(inputs, scales, strict=True)]
+        scaled = [
+            resize_planes(x, self._scaled_shape(x.shape[1:], s)) for x, s in zip(inputs, scales, strict=True)
+        ]
         out = self._model_logits(scaled)
         return [resize_planes(y, x.shape[1:]) for x, y in zip(inputs, out, strict=True)]
+
+    def _scaled_shape(self, shape: tuple[int, int], scale: float) -> tuple[int, int]:
+        """scaled_shape, enlarging no further than max_pixels allows (shrinking is never limited)."""
+        if self.max_pixels and scale > 1:
+            scale = max(1.0, min(scale, (self.max_pixels / (shape[0] * shape[1])) ** 0.5))
+        return scaled_shape(shape, scale)
 
     def _model_logits(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """(C, H, W) model inputs -> (K, H, W) logits: tiled, averaged over prep.tta's views."""

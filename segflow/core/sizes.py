@@ -77,6 +77,9 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     h, w = shape
     if (h, w) == labels.shape:
         return labels
-    if labels.dtype not in (np.uint8, np.uint16, np.int16, np.int32, np.float32):
-        raise UserError(f"cannot resize labels of dtype {labels.dtype}")
+    if labels.dtype not in (np.uint8, np.uint16, np.int16, np.int32, np.float32):  # what cv2.resize takes
+        raise UserError(
+            f"cannot rescale a label image of dtype {labels.dtype}; masks must be 8- or 16-bit "
+            "(convert writes them so: re-run `dvc repro convert`)"
+        )
     return cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)

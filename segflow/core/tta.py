@@ -23,6 +23,7 @@ VIEWS: dict[str, list[tuple[int, bool]]] = {
 
 
 def check_tta(mode: str) -> None:
+    """Raise UserError, listing the modes, unless `mode` is one of VIEWS."""
     if mode not in VIEWS:
         raise UserError(f"unknown test-time augmentation {mode!r}; choose one of: {', '.join(VIEWS)}")
 

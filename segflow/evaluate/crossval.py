@@ -141,7 +141,7 @@ def summarize_folds(
     results: list[FoldResult], scales: list[float], classes: list[str] | None = None,
     subsets: dict[str, list[str]] | None = None,
 ) -> dict:  # fmt: skip
-    """reports/crossval.json: per fold, and mean, standard deviation, min and max over folds.
+    """reports/crossval/summary.json: per fold, and mean, standard deviation, min and max over folds.
 
     Keys are per scale: "scale_1", "scale_0.6", so `dvc metrics show` can compare them. With
     `classes`, each scale also gets "pooled" (every held-out image scored together, as one
@@ -195,7 +195,7 @@ def _fold_row(result: FoldResult, scale: float, metrics: list[str]) -> dict:
 
 
 def fold_table(summary: dict) -> list[dict]:
-    """reports/plots/crossval_folds.csv: one row per fold and scale."""
+    """reports/crossval/folds.csv: one row per fold and scale."""
     return [
         row | {"scale": float(key.removeprefix("scale_"))}
         for key, block in summary.items()

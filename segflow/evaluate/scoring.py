@@ -153,34 +153,36 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
 
     With cfg.tune, every TTA mode in cfg.tta_grid computes the val logits once and
     tune_postprocessing searches the thresholds for it; the best row overall wins, ties
-    going to the cheaper TTA (earlier in the grid). Without it, params.inference is used as is.
-    The segmenter's prep is left as chosen.
+    going to the cheaper TTA (config sorts the grid by cost). Without it, params.inference
+    (tta included) is used as is. The segmenter's prep is left as chosen.
     """
     base = segmenter.prep.with_postprocess(cfg.model_dump())  # params.inference as it is now
-    modes = cfg.tta_grid if cfg.tune else [cfg.tta]
-    key = cfg.tune_metric
-    best: Tuning | None = None
-    best_score, grid, seconds = None, [], {}
-    for mode in modes:
-        segmenter.prep = replace(base, tta=mode)
-        started = time.perf_counter()
-        logits = segmenter.logits([s.image for s in val])
-        seconds[mode] = (time.perf_counter() - started) / max(1, len(val))
-        if not cfg.tune:
-            return Tuning(segmenter.prep, [], logits, seconds)
+    if not cfg.tune:
+        logits, seconds = _timed_logits(segmenter, base, val)
+        return Tuning(base, [], logits, {base.tta: seconds})
+    best, best_score, grid, timings = None, None, [], {}
+    for mode in cfg.tta_grid:
+        logits, timings[mode] = _timed_logits(segmenter, replace(base, tta=mode), val)
         prep, table = tune_postprocessing(logits, val, segmenter.prep, cfg)
-        table = [{"tta": mode} | row for row in table]
-        grid += table
-        metric = key if key in table[0] else "dice"
+        grid += [{"tta": mode} | row for row in table]
+        metric = cfg.tune_metric if cfg.tune_metric in table[0] else "dice"
         top = max(table, key=lambda row: (row[metric], -row.get("count_error", 0.0)))
         score = (top[metric], -top.get("count_error", 0.0))
         log.info(
-            "tta %s: best val %s %.4f, %.0f ms per image", mode, metric, top[metric], 1000 * seconds[mode]
+            "tta %s: best val %s %.4f, %.0f ms per image", mode, metric, top[metric], 1000 * timings[mode]
         )
         if best_score is None or score > best_score:
-            best_score, best = score, Tuning(prep, [], logits, {})
-    segmenter.prep = best.prep
-    return Tuning(best.prep, grid, best.logits, seconds)
+            best_score, best = score, (prep, logits)
+    segmenter.prep = best[0]
+    return Tuning(best[0], grid, best[1], timings)
+
+
+def _timed_logits(segmenter: Segmenter, prep: Preprocessing, samples: list[Sample]) -> tuple[list, float]:
+    """The samples' logits under `prep` (left on the segmenter), and the seconds per image."""
+    segmenter.prep = prep
+    started = time.perf_counter()
+    logits = segmenter.logits([s.image for s in samples])
+    return logits, (time.perf_counter() - started) / max(1, len(samples))
 
 
 def classical_baseline(val: list[Sample], test: list[Sample], classes: list[str]) -> dict:

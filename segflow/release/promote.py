@@ -50,11 +50,13 @@ def promote(params: Params) -> dict:
     name = params.export.registered_model_name
     version = _candidate_version(client, name)
     onnx_sha256 = tracking.file_sha256(EXPORT / "model.onnx")
+    prep_sha256 = tracking.file_sha256(EXPORT / "preprocessing.json")
     candidate = _gate_metrics(read_json(REPORTS / "metrics.json")["test"])
     test_hash = read_json(SPLIT / "summary.json")["test_hash"]
 
     holder = version_with_alias(client, name, CHAMPION)
-    if holder is not None and holder.tags.get(tracking.ONNX_KEY_TAG) == onnx_sha256:
+    same_files = {tracking.ONNX_KEY_TAG: onnx_sha256, tracking.PREP_KEY_TAG: prep_sha256}
+    if holder is not None and all(holder.tags.get(k) == v for k, v in same_files.items()):
         # Deterministic training re-exports the same file as a new version after a code edit
         # that changes nothing: the champion already holds this model, so nothing moves.
         version = str(holder.version)

@@ -34,6 +34,9 @@ CROSSVAL_EXPERIMENT = "segflow-crossval"
 MODEL_FILE = "model.pt"  # in artifacts/model: the weights whose hash names the parent run
 MODEL_KEY_TAG = "segflow.model_sha256"  # on a model's parent run
 ONNX_KEY_TAG = "segflow.onnx_sha256"  # on a registered version: the exported file it holds
+# ... and its preprocessing.json: evaluate may change post-processing, TTA or the diameter
+# setting while the network (and so the ONNX file) stays byte-identical.
+PREP_KEY_TAG = "segflow.preprocessing_sha256"
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,28 @@ def _git(root: Path, *args: str) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def log_crossval(summary: dict, minutes: float, train_minutes: float, folder: Path) -> None:
+    """On the active crossval run: mean and spread per metric and scale, each fold's scores
+    as steps (step = fold), pooled and subset scores, the timings and the report folder."""
+    import mlflow
+
+    for key, block in summary.items():
+        if not key.startswith("scale_"):
+            continue
+        for metric, stats in block.items():
+            if metric == "pooled" or metric.startswith("subset_"):
+                mlflow.log_metrics({f"cv_{key}_{metric}_{m}": v for m, v in stats.items() if m != "images"})
+            elif metric != "per_fold":
+                mlflow.log_metrics(
+                    {f"cv_{key}_{metric}_mean": stats["mean"], f"cv_{key}_{metric}_std": stats["std"]}
+                )
+        for row in block["per_fold"]:
+            scores = {f"fold_{key}_{m}": v for m, v in row.items() if m not in ("fold", "images")}
+            mlflow.log_metrics(scores, step=row["fold"])
+    mlflow.log_metrics({"cv_minutes": minutes, "cv_train_minutes": train_minutes})
+    mlflow.log_artifacts(str(folder), "crossval")
 
 
 @contextlib.contextmanager
@@ -286,7 +311,8 @@ def register_onnx(
     client = MlflowClient()
     client.set_registered_model_alias(registered_name, "challenger", version)
     # The file's hash is how promote finds this version again (no version number in DVC's outputs).
-    for key, value in {**version_tags, ONNX_KEY_TAG: file_sha256(onnx_path)}.items():
+    keys = {ONNX_KEY_TAG: file_sha256(onnx_path), PREP_KEY_TAG: file_sha256(preprocessing_path)}
+    for key, value in {**version_tags, **keys}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
     return {
         "name": registered_name,

@@ -24,7 +24,7 @@ API_PATHS = frozenset(UPLOAD_FIELDS)
 # Optional text fields an API takes besides its files: the objects' diameter in pixels, for
 # models trained at one object size (it replaces the model's own per-image estimate).
 OPTION_FIELDS = ("diameter",)
-MAX_DIAMETER = 10_000.0
+MAX_DIAMETER = 10_000.0  # larger than any image serve.max_pixels admits: a typo, not a cell
 # Reachable without a token: health probes, and static pages that hold no data (the page
 # sends the token the user types with each of its API calls).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/livez", "/", "/docs", "/docs.json"})

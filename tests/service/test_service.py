@@ -164,8 +164,17 @@ def test_bad_requests_get_4xx(server, sample_images):
         server, "/segment_batch", [("images", ("a.png", data)), ("images", ("b.txt", b"text"))]
     )
     assert bad_in_batch.status_code == 415 and "image 2 of 2" in bad_in_batch.json()["error"]
+    bad_diameter = post(server, "/segment", {"image": data}, data={"diameter": "-3"})
+    assert bad_diameter.status_code == 422 and "diameter" in bad_diameter.json()["error"]
     assert server.alive()
     assert post(server, "/segment", {"image": data}).status_code == 200
+    # The optional diameter reaches BentoML's parser (this model is at native scale: no effect).
+    with_diameter = post(server, "/segment", {"image": data}, data={"diameter": "20"})
+    assert with_diameter.status_code == 200
+    assert (
+        with_diameter.json()["object_count"]
+        == post(server, "/segment", {"image": data}).json()["object_count"]
+    )
 
 
 def test_metadata_and_health(server):

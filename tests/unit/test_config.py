@@ -224,3 +224,16 @@ def test_watershed_needs_instance_ids_and_auto_resolves():
 def test_tiles_must_fit_the_network():
     assert "multiple of 32" in error_of({"inference": {"tile_size": 500}})
     assert "twice tile_overlap" in error_of({"inference": {"tile_size": 128, "tile_overlap": 64}})
+
+
+def test_size_and_tta_settings_are_checked():
+    assert "train.crop_size" in error_of({"train": {"crop_size": None, "diameter": 30}})
+    assert "train.crop_size" in error_of({"train": {"crop_size": None, "augment": {"scale": 0.2}}})
+    assert "at least one mode" in error_of({"inference": {"tta_grid": []}})
+    # Ties in tuning go to the earlier mode, so the grid is ordered by cost whatever its order.
+    assert parse_params({"inference": {"tta_grid": ["d4", "none", "flips"]}}).inference.tta_grid == [
+        "none",
+        "flips",
+        "d4",
+    ]
+    assert "positive number" in error_of({"inference": {"diameter": -1}})

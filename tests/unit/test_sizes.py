@@ -27,7 +27,7 @@ def test_median_diameter_is_the_equal_area_diameter_weighted_by_area():
     assert median_diameter(image) == pytest.approx(20, rel=0.05)
     specks = image.copy()
     specks[0:40:4, 0:200:4] = np.arange(1000, 1000 + 500, dtype=np.uint16)[:500].reshape(10, 50)
-    # 500 one-pixel specks outnumber the 16 disks but hold few pixels: the estimate holds.
+    # 500 one-pixel specks outnumber the 25 disks but hold few pixels: the estimate holds.
     assert median_diameter(specks) == pytest.approx(20, rel=0.1)
     assert median_diameter(np.zeros((8, 8), np.uint16)) is None
 
@@ -47,8 +47,8 @@ def test_resizing_keeps_ids_and_shapes():
 
 
 class DiskModel:
-    """A stand-in network that is scale-aware like a trained one: its foreground logit is the
-    input itself, its seed channel the foreground eroded; it records every input shape."""
+    """A stand-in network: confident foreground wherever the input is bright, the same map as
+    its seed channel (every disk its own seed); it records the shape of every input."""
 
     def __init__(self):
         self.shapes: list[tuple[int, int]] = []
@@ -102,3 +102,15 @@ def test_models_at_native_scale_ignore_diameters():
 def test_a_bad_diameter_is_refused_by_name(bad):
     with pytest.raises(UserError, match="diameter"):
         _segmenter(DiskModel()).predict([np.zeros((16, 16), np.uint8)], diameters=[bad])
+
+
+def test_enlarging_stops_at_max_pixels():
+    image = (disks(64, 5, 16) > 0).astype(np.uint8) * 255  # 10 px objects, trained at 20: 2x wanted
+    model = DiskModel()
+    segmenter = _segmenter(model)
+    segmenter.max_pixels = 96 * 96
+    segmenter.predict([image], diameters=[10.0])
+    assert model.shapes == [(96, 96)]  # 1.5x: as large as serve.max_pixels allows
+    model.shapes.clear()
+    segmenter.predict([image], diameters=[40.0])  # shrinking is never limited
+    assert model.shapes == [(32, 32)]

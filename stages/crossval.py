@@ -24,9 +24,9 @@ from segflow.artifacts import (
     write_csv,
     write_json,
 )
-from segflow.config import load_params
+from segflow.config import PARAMS_FILE, ParamsError, load_params, parse_params
 from segflow.data.samples import load_samples
-from segflow.evaluate.crossval import assign_folds, cross_validate, describe, fold_table, summarize_folds
+from segflow.paths import repo_root
 from segflow.release import tracking
 from segflow.runtime import set_threads
 
@@ -34,13 +34,16 @@ OUT = REPORTS / "crossval"  # summary.json (metrics), folds.csv, images.csv
 
 
 def main() -> None:
-    params = load_params()
-    cfg = params.crossval
-    if not cfg.folds:
+    if not _crossval_section().folds:
         with replace_dir(OUT) as out:
             write_json(out / "summary.json", {"folds": 0})
         print("crossval: off (crossval.folds: 0); set it to 3 or more to cross-validate the recipe")
         return
+    params = load_params()
+    cfg = params.crossval
+    # Imported here: training pulls in torch, which an off stage (every default run) need not load.
+    from segflow.evaluate.crossval import assign_folds, cross_validate, describe, fold_table, summarize_folds
+
     set_threads(params.train.threads)
     manifest = pd.concat([read_manifest(SPLIT / f"{name}.csv") for name in ("train", "val", "test")])
     manifest = manifest.sort_values("id").reset_index(drop=True)
@@ -59,6 +62,15 @@ def main() -> None:
     print(f"crossval: {len(results)} models trained in {minutes:.1f} min "
           f"({sum(r.train_seconds for r in results) / 60:.1f} min of training)")  # fmt: skip
     _log(params, summary, results, minutes)
+
+
+def _crossval_section():
+    """params.yaml's crossval section alone, validated with load_params' messages. Cheap where
+    load_params is not (its train checks load torch): most runs have crossval off."""
+    from segflow.serve.settings import read_params_file
+
+    raw = read_params_file(repo_root() / PARAMS_FILE, ParamsError, "run from the repository root")
+    return parse_params({"crossval": raw.get("crossval") or {}}).crossval
 
 
 def _log(params, summary: dict, results, minutes: float) -> None:

@@ -25,7 +25,6 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import PARAMS_FILE, ParamsError, load_params, parse_params
-from segflow.data.samples import load_samples
 from segflow.paths import repo_root
 from segflow.release import tracking
 from segflow.runtime import set_threads
@@ -42,13 +41,11 @@ def main() -> None:
     params = load_params()
     cfg = params.crossval
     # Imported here: training pulls in torch, which an off stage (every default run) need not load.
-    from segflow.evaluate.crossval import assign_folds, cross_validate, describe, fold_table, summarize_folds
+    from segflow.evaluate.crossval import cross_validate, dataset_folds, describe, fold_table, summarize_folds
 
     set_threads(params.train.threads)
     manifest = pd.concat([read_manifest(SPLIT / f"{name}.csv") for name in ("train", "val", "test")])
-    manifest = manifest.sort_values("id").reset_index(drop=True)
-    folds = assign_folds(manifest["group"], cfg.folds, params.base.seed)
-    samples = load_samples(manifest, CONVERTED)
+    samples, folds = dataset_folds(manifest, CONVERTED, cfg.folds, params.base.seed)
     started = time.perf_counter()
     results = cross_validate(params, samples, folds)
     minutes = (time.perf_counter() - started) / 60

@@ -22,7 +22,7 @@ import pandas as pd
 from segflow.config import Params
 from segflow.core.inference import Prediction
 from segflow.core.sizes import resize_image, resize_labels, scaled_shape
-from segflow.data.samples import Sample
+from segflow.data.samples import Sample, load_samples
 from segflow.errors import UserError
 from segflow.evaluate.scoring import choose_postprocessing, score_predictions
 from segflow.train.checkpoints import checkpoint_segmenter
@@ -56,6 +56,14 @@ def assign_folds(groups: pd.Series, folds: int, seed: int) -> pd.Series:
         fold_of[name] = fold
         filled[fold] += int(sizes[name])
     return groups.astype(str).map(fold_of).rename("fold")
+
+
+def dataset_folds(
+    manifest: pd.DataFrame, root: Path, folds: int, seed: int
+) -> tuple[list[Sample], pd.Series]:
+    """Every image of the split manifests (sorted by id) as samples, with its fold."""
+    manifest = manifest.sort_values("id").reset_index(drop=True)
+    return load_samples(manifest, root), assign_folds(manifest["group"], folds, seed)
 
 
 def fold_roles(fold: int, folds: int) -> dict[str, list[int]]:

@@ -186,6 +186,7 @@ class Augment(_Section):
     brightness_contrast: float = Field(0.5, ge=0, le=1)
     gauss_noise: float = Field(0.2, ge=0, le=1)
     scale: float = Field(0.0, ge=0, lt=1)  # random rescale by a factor in [1 - scale, 1 + scale]; 0 = off
+    downscale: float = Field(0.0, ge=0, le=1)  # probability of shrinking an image and enlarging it back
 
 
 class TrainParams(_Section):

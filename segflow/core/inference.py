@@ -231,6 +231,10 @@ def softmax(logit: np.ndarray) -> np.ndarray:
     return (shifted / shifted.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
+# Model passes at most per image whose object size is estimated (inference.diameter: auto).
+SIZE_PASSES = 3
+
+
 class Segmenter:
     """Segments images with any backend that maps (N, C, H, W) -> (N, K, H, W) logits."""
 
@@ -309,20 +313,29 @@ class Segmenter:
     ) -> None:
         """Measure the objects of images `which` in their first-pass logits (run at the scale
         `guess`) and replace those logits by a run at the scale the measurement implies, where
-        it differs from `guess` by more than 10%. The new scale stays within 4x of `guess`, so
-        a poor first pass cannot blow an image up or shrink it away."""
-        prep, scales = self.prep, {}
-        for i in which:
-            found = median_diameter(to_prediction(logits[i], prep).instances)
-            scale = scale_for(found, prep.train_diameter) if found else guess
-            scales[i] = float(np.clip(scale, guess / 4, guess * 4))
-            log.debug("image %d: objects about %s px across, scale %.3f", i, found, scales[i])
-        # Within 10% the first pass is as good as a second (the scale augmentation in training
-        # covers more than that), and skipping it halves the cost for typical images.
-        again = [i for i in which if abs(scales[i] / guess - 1) > 0.1]
-        rerun = self._scaled_logits([inputs[i] for i in again], [scales[i] for i in again])
-        for i, logit in zip(again, rerun, strict=True):
-            logits[i] = logit
+        it differs from the last run's by more than 10%; measure again, up to SIZE_PASSES
+        passes in all. A model sees objects far from its size poorly, so a first pass
+        underestimates big objects (it splits them) and one correction can stop short; the
+        measurement converges as the objects approach the trained size. Scales stay within 4x
+        of `guess`, so a poor pass cannot blow an image up or shrink it away."""
+        prep = self.prep
+        scales = dict.fromkeys(which, guess)
+        pending = list(which)
+        for _ in range(SIZE_PASSES - 1):
+            wanted = {}
+            for i in pending:
+                found = median_diameter(to_prediction(logits[i], prep).instances)
+                scale = scale_for(found, prep.train_diameter) if found else scales[i]
+                wanted[i] = float(np.clip(scale, guess / 4, guess * 4))
+                log.debug("image %d: objects about %s px across, scale %.3f", i, found, wanted[i])
+            # Within 10% another pass is not worth its cost (the scale augmentation in training
+            # covers more than that); most images of a typical dataset stop after the first.
+            pending = [i for i in pending if abs(wanted[i] / scales[i] - 1) > 0.1]
+            if not pending:
+                return
+            rerun = self._scaled_logits([inputs[i] for i in pending], [wanted[i] for i in pending])
+            for i, logit in zip(pending, rerun, strict=True):
+                logits[i], scales[i] = logit, wanted[i]
 
     def _scaled_logits(self, inputs: list[np.ndarray], scales: list[float]) -> list[np.ndarray]:
         """Model logits of (C, H, W) inputs each rescaled by its factor, resized back to its size."""

@@ -82,6 +82,23 @@ def rescale_samples(samples: list[Sample], target: float, fallback: float) -> li
     return out
 
 
+def _resolution_loss(A, p: float):
+    """An albumentations transform that shrinks the image (not the mask) by 0.5-0.9 and
+    enlarges it back with probability p, keeping its dtype.
+
+    Objects imaged at lower magnification and enlarged to the trained size at inference arrive
+    blurred; this shows the model such images, resized the way inference resizes them
+    (sizes.resize_image: area averaging down, bilinear up). albumentations' own Downscale
+    returns 16-bit images as float, which intensity scaling would misread.
+    """
+
+    class ResolutionLoss(A.Downscale):
+        def apply(self, img: np.ndarray, scale: float, **params) -> np.ndarray:
+            return resize_image(resize_image(img, scaled_shape(img.shape, scale)), img.shape[:2])
+
+    return ResolutionLoss(scale_range=(0.5, 0.9), p=p)
+
+
 def build_augmentations(params: Params):
     """albumentations pipeline from params.train.augment (applied to uint8/uint16 images)."""
     offline_env()
@@ -100,6 +117,8 @@ def build_augmentations(params: Params):
         A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=aug.brightness_contrast),
         A.GaussNoise(std_range=(0.01, 0.04), p=aug.gauss_noise),
     ]
+    if aug.downscale:
+        steps.append(_resolution_loss(A, aug.downscale))
     return A.Compose(steps, seed=params.base.seed)
 
 

@@ -32,6 +32,19 @@ def test_median_diameter_is_the_equal_area_diameter_weighted_by_area():
     assert median_diameter(np.zeros((8, 8), np.uint16)) is None
 
 
+def test_median_diameter_ignores_a_blob_that_floods_most_of_the_foreground():
+    flooded = np.zeros((500, 500), np.uint16)
+    flooded[:200, :200] = disks(200, 10, 40)  # 25 disks 20 px across
+    flooded[200:500, 200:500] = 1000  # and one 300 x 300 blob: ten times their pixels
+    assert median_diameter(flooded) == pytest.approx(20, rel=0.1)
+    # Objects of many sizes are not outliers: nuclei from 10 to 28 px all count.
+    mixed = np.zeros((100, 400), np.uint16)
+    for i, radius in enumerate(range(5, 15)):
+        yy, xx = np.ogrid[:100, :400]
+        mixed[(yy - 50) ** 2 + (xx - 20 - 38 * i) ** 2 <= radius**2] = i + 1
+    assert 18 <= median_diameter(mixed) <= 26
+
+
 def test_scale_for_is_clamped_and_neutral_when_unknown():
     assert scale_for(40, 20) == 0.5
     assert scale_for(None, 20) == 1.0 and scale_for(0, 20) == 1.0
@@ -89,6 +102,31 @@ def test_auto_estimates_each_images_object_size_with_a_first_pass():
     model.shapes.clear()
     _segmenter(model, diameter=40.0).predict([image])  # a fixed diameter needs one pass
     assert model.shapes == [(64, 64)]
+
+
+class SplittingModel(DiskModel):
+    """Like DiskModel, but objects far larger than it learned come out cut in quarters: in an
+    input over 160 px across (disks(256, 40, 128) shown at more than 2.5x the trained 20 px),
+    seeds break along the lines through the disks' centres."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = super().__call__(batch)
+        h, w = batch.shape[2:]
+        if h > 160:
+            for frac in (0.25, 0.75):
+                out[:, 1, round(h * frac) - 1 : round(h * frac) + 1, :] = -8.0
+                out[:, 1, :, round(w * frac) - 1 : round(w * frac) + 1] = -8.0
+        return out
+
+
+def test_auto_measures_again_until_the_size_settles():
+    image = (disks(256, 40, 128) > 0).astype(np.uint8) * 255  # four disks 80 px across, trained at 20
+    model = SplittingModel()
+    [prediction] = _segmenter(model, diameter="auto").predict([image])
+    # Pass 1 at the data's scale sees quarters (40 px) and halves the image; pass 2 sees whole
+    # disks (80 px) and halves it again; pass 3 shows them at the trained 20 px.
+    assert model.shapes == [(256, 256), (128, 128), (64, 64)]
+    assert prediction.instances.max() == 4
 
 
 def test_models_at_native_scale_ignore_diameters():

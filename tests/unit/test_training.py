@@ -160,6 +160,20 @@ def test_seeded_augmentations_repeat_per_epoch_and_flip_independently():
     assert corners == {float(image[y, x]) for y in (0, -1) for x in (0, -1)}
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_resolution_loss_blurs_the_image_keeping_its_dtype_and_the_mask(dtype):
+    off = dict.fromkeys(("hflip", "vflip", "rotate90", "brightness_contrast", "gauss_noise"), 0)
+    off["downscale"] = 1.0
+    augment = build_augmentations(parse_params({"train": {"crop_size": None, "augment": off}}))
+    image = (np.random.default_rng(0).random((64, 64)) * 200).astype(dtype)  # pixel noise
+    mask = (np.arange(64 * 64).reshape(64, 64) % 3).astype(np.uint8)
+    out = augment(image=image, mask=mask)
+    assert out["image"].dtype == dtype and out["image"].shape == image.shape
+    assert out["image"].std() < 0.8 * image.std()  # averaged over neighbours: blurred
+    assert abs(float(out["image"].mean()) - float(image.mean())) < 2  # same intensities
+    assert np.array_equal(out["mask"], mask)  # labels stay sharp
+
+
 def test_fingerprint_tracks_what_changes_the_epochs(data):
     train, val = data
     base = fingerprint(_params(), {"p": 1}, {"train": train, "val": val})

@@ -22,7 +22,10 @@ BIN = Path(sys.executable).parent
 # Small enough for about a minute of `dvc repro` on 2 CPU cores.
 TINY_PARAMS = {
     "ingest": {"min_images": 10},
-    "train": {"epochs": 2, "batch_size": 4, "crop_size": 64, "decoder_channels": [16, 16, 16, 16, 16]},
+    # One torch thread: `make test` runs two workers on two cores, and tiny models gain nothing
+    # from a second thread while two busy-waiting thread pools slow each other several-fold.
+    "train": {"epochs": 2, "batch_size": 4, "crop_size": 64, "decoder_channels": [16, 16, 16, 16, 16],
+              "threads": 1},
     "evaluate": {"overlays": 2},
     # Tuning itself is unit-tested; a small grid keeps every tiny repro quick.
     "inference": {"threshold_grid": [0.4, 0.5], "seed_threshold_grid": [0.5, 0.8], "min_area_grid": [0, 16]},

@@ -46,17 +46,18 @@ run: data ## run the pipeline: dvc repro (cached; only what changed re-runs)
 	$(BIN)/dvc repro
 
 # Two pytest workers (pytest-xdist): most tests wait on single-threaded subprocesses (dvc,
-# mlflow, bentoml), so two cores finish the suite in about half the time. TEST_WORKERS=0: one process.
+# mlflow, bentoml). worksteal: a worker that runs out takes queued tests from the other, so the
+# long end-to-end tests do not pile up on one. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
 test: setup ## run the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: setup ## run the tests not marked slow (CI's fast job)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 test-slow: setup ## run only the end-to-end tests marked slow (CI's end-to-end job)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m slow
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m slow
 
 lint: setup ## ruff lint and format check; import-linter: what ships imports nothing that trains
 	$(BIN)/ruff check .

@@ -20,12 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # Small enough for about a minute of `dvc repro` on 2 CPU cores.
+# Where mlflow sends runs and registrations; every tiny copy uses its own store instead.
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
 TINY_PARAMS = {
     "ingest": {"min_images": 10},
     # One torch thread: `make test` runs two workers on two cores, and tiny models gain nothing
     # from a second thread while two busy-waiting thread pools slow each other several-fold.
-    "train": {"epochs": 2, "batch_size": 4, "crop_size": 64, "decoder_channels": [16, 16, 16, 16, 16],
-              "threads": 1},
+    "train": {
+        "epochs": 2,
+        "batch_size": 4,
+        "crop_size": 64,
+        "decoder_channels": [16, 16, 16, 16, 16],
+        "threads": 1,
+    },
     "evaluate": {"overlays": 2},
     # Tuning itself is unit-tested; a small grid keeps every tiny repro quick.
     "inference": {"threshold_grid": [0.4, 0.5], "seed_threshold_grid": [0.5, 0.8], "min_area_grid": [0, 16]},
@@ -40,7 +48,8 @@ def run(
     """Run a command in the copy with the venv's tools first on PATH; output captured."""
     full_env = {**os.environ, **(env or {})}
     full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
-    full_env.pop("MLFLOW_TRACKING_URI", None)  # the copy's own sqlite store
+    for name in MLFLOW_ENV:  # the copy's own sqlite store, for runs and the registry alike
+        full_env.pop(name, None)
     full_env["BENTOML_HOME"] = str(cwd / ".bentoml")  # and its own BentoML store
     full_env["BENTOML_DO_NOT_TRACK"] = "True"
     # `dvc exp run` commits; CI machines may have no git identity configured.
@@ -90,6 +99,23 @@ def make_tiny_repo(dest: Path, params: dict | None = None, count: int = 16, size
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "tiny copy"], dest)
     return dest
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_env_restored():
+    """Put MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI back after every test.
+
+    mlflow.set_tracking_uri and set_registry_uri export them into os.environ, and
+    set_registry_uri(None) leaves the variable behind: a test's store then leaked into later
+    subprocesses of the same pytest worker (an export registered into another test's DB).
+    """
+    saved = {name: os.environ.get(name) for name in MLFLOW_ENV}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -328,8 +328,8 @@ class Segmenter:
                 scale = scale_for(found, prep.train_diameter) if found else scales[i]
                 wanted[i] = float(np.clip(scale, guess / 4, guess * 4))
                 log.debug("image %d: objects about %s px across, scale %.3f", i, found, wanted[i])
-            # Within 10% another pass is not worth its cost (the scale augmentation in training
-            # covers more than that); most images of a typical dataset stop after the first.
+            # Within 10% another pass is not worth its cost: the scale augmentation in training
+            # covers more than that.
             pending = [i for i in pending if abs(wanted[i] / scales[i] - 1) > 0.1]
             if not pending:
                 return

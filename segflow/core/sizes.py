@@ -35,7 +35,7 @@ def median_diameter(instances: np.ndarray, outlier: float = 3.0) -> float | None
     diameters = np.sort(object_diameters(instances))
     if not diameters.size:
         return None
-    mass = np.cumsum(diameters**2)  # object pixels of the k smallest objects, up to pi/4
+    mass = np.cumsum(diameters**2)  # the k smallest objects' pixels, times 4/pi (area = pi d^2 / 4)
 
     def typical(k: int) -> float:  # area-weighted median of the k smallest objects
         return float(diameters[np.searchsorted(mass[:k], mass[k - 1] / 2)])

@@ -7,9 +7,13 @@ measured. Inside a built Bento the model is the one pinned at build time (build 
 
 Endpoints (POST takes multipart/form-data: `image`, or `images` for the batch):
   POST /segment          JSON: objects (id, class, area, bbox, polygon, score), count,
-                         class fractions, COCO RLE masks, model
+                         class fractions, COCO RLE masks, model; `measurements=true` adds
+                         each object's measurements
   POST /segment_batch    the same for up to serve.max_batch_images images
   POST /segment_mask     PNG of class ids
+  POST /segment_labels   the instance label image (object ids): 16-bit PNG, or TIFF with
+                         `format=tiff` or `Accept: image/tiff`
+  POST /measurements     CSV: one row of measurements per object
   POST /segment_overlay  PNG of the input with every object outlined
   GET  /metadata         model, registry version, test metrics, lineage, input contract
   GET  /stats            recent traffic, latency percentiles, errors, input drift
@@ -26,7 +30,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import bentoml
 from bentoml.validators import ContentType
@@ -38,7 +42,16 @@ with bentoml.importing():
     from starlette.routing import Route
 
     from segflow.core.inference import Segmenter
-    from segflow.serve.answers import answer, mask_png, model_info, overlay_png
+    from segflow.core.measurements import measure_objects
+    from segflow.serve.answers import (
+        LABEL_FORMATS,
+        answer,
+        labels_image,
+        mask_png,
+        measurements_csv,
+        model_info,
+        overlay_png,
+    )
     from segflow.serve.batching import MicroBatcher
     from segflow.serve.gatekeeper import Gatekeeper, error_response
     from segflow.serve.monitoring import RequestLog, intensity_mean, load_reference
@@ -54,6 +67,7 @@ MODEL_TAG = (
 )
 MODEL_TIMEOUT_S = 55.0  # below the 60 s request timeout
 PNG = Annotated[bytes, ContentType("image/png")]
+CSV = Annotated[str, ContentType("text/csv")]
 log = logging.getLogger("segflow.service")
 
 objects_per_image = bentoml.metrics.Histogram(
@@ -186,17 +200,20 @@ class SegflowService:
     # -- endpoints -------------------------------------------------------------------------
 
     @bentoml.api
-    def segment(self, image: Path, ctx: bentoml.Context, diameter: float | None = None) -> dict:
+    def segment(
+        self, image: Path, ctx: bentoml.Context, diameter: float | None = None, measurements: bool = False
+    ) -> dict:
         """One image -> objects (id, class, area, bbox, polygon, score), class fractions, COCO RLE.
 
         Optional `diameter`: the objects' diameter in pixels (models trained at one object size
-        otherwise estimate it per image)."""
+        otherwise estimate it per image). `measurements=true`: each object also gets its
+        measurements (as /measurements gives them)."""
         started = time.perf_counter()
         try:
             [(array, prediction)] = self._segment([image], ctx, diameter)
         except UploadError as exc:
             return self._refuse(exc, ctx)
-        result = answer(array, prediction, self.classes, self.model_info)
+        result = answer(array, prediction, self.classes, self.model_info, measurements)
         result["timing_ms"] = {
             "model": ctx.request.state.segflow["model_ms"],
             "total": round(1000 * (time.perf_counter() - started), 2),
@@ -204,7 +221,13 @@ class SegflowService:
         return _json(result)
 
     @bentoml.api
-    def segment_batch(self, images: list[Path], ctx: bentoml.Context, diameter: float | None = None) -> dict:
+    def segment_batch(
+        self,
+        images: list[Path],
+        ctx: bentoml.Context,
+        diameter: float | None = None,
+        measurements: bool = False,
+    ) -> dict:
         """Several images in one request -> {"results": [the /segment answer for each]}."""
         started = time.perf_counter()
         if not images:
@@ -218,7 +241,7 @@ class SegflowService:
             pairs = self._segment(images, ctx, diameter)
         except UploadError as exc:
             return self._refuse(exc, ctx)
-        results = [answer(array, prediction, self.classes, self.model_info) for array, prediction in pairs]
+        results = [answer(im, found, self.classes, self.model_info, measurements) for im, found in pairs]
         timing = {
             "model": ctx.request.state.segflow["model_ms"],
             "total": round(1000 * (time.perf_counter() - started), 2),
@@ -233,6 +256,36 @@ class SegflowService:
         except UploadError as exc:
             return self._refuse(exc, ctx)
         return mask_png(prediction)
+
+    @bentoml.api
+    def segment_labels(
+        self,
+        image: Path,
+        ctx: bentoml.Context,
+        diameter: float | None = None,
+        format: Literal["png", "tiff"] | None = None,
+    ) -> PNG:
+        """One image -> its instance label image (0 background, each object its id, as in /segment):
+        a 16-bit PNG, or a TIFF with `format=tiff` or an `Accept: image/tiff` header."""
+        try:
+            [(_, prediction)] = self._segment([image], ctx, diameter)
+        except UploadError as exc:
+            return self._refuse(exc, ctx)
+        accept = ctx.request.headers.get("accept", "")
+        fmt = format or ("tiff" if "image/tiff" in accept and "image/png" not in accept else "png")
+        return Response(labels_image(prediction, fmt), media_type=LABEL_FORMATS[fmt])
+
+    @bentoml.api
+    def measurements(self, image: Path, ctx: bentoml.Context, diameter: float | None = None) -> CSV:
+        """One image -> CSV, one row per object: id, class, centroid, box, area, perimeter,
+        equivalent diameter, major/minor axis, eccentricity, solidity, mean/min/max intensity."""
+        try:
+            [(array, prediction)] = self._segment([image], ctx, diameter)
+        except UploadError as exc:
+            return self._refuse(exc, ctx)
+        rows = measure_objects(prediction.instances, prediction.mask, array, self.classes)
+        channels = 1 if array.ndim == 2 else array.shape[2]
+        return Response(measurements_csv(rows, channels), media_type="text/csv")
 
     @bentoml.api
     def segment_overlay(self, image: Path, ctx: bentoml.Context, diameter: float | None = None) -> PNG:

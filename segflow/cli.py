@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     predict = commands.add_parser(
         "predict",
-        help="segment images exactly as the service does (JSON, mask PNG, overlay PNG per image)",
+        help="segment images exactly as the service does: per image the JSON answer, class mask, "
+        "instance labels, measurements and overlay; objects.csv measures every object of every image",
     )
     predict.add_argument(
         "images", nargs="+", type=Path, help="image files (PNG, JPEG, TIFF, .npy) or folders"
@@ -123,8 +124,9 @@ def _predict(args) -> int:
     import os
 
     from segflow.config import load_params
+    from segflow.core.measurements import measurement_columns
     from segflow.paths import repo_root
-    from segflow.serve.answers import answer, mask_png, overlay_png
+    from segflow.serve.answers import csv_text
     from segflow.serve.settings import champion_model_tag
     from segflow.serve.uploads import UploadError, UploadLimits, decode_upload
 
@@ -136,7 +138,7 @@ def _predict(args) -> int:
     segmenter.max_pixels = serve.max_pixels  # as the service: also after rescaling to the trained object size
     files = _image_files(args.images)
     args.out.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    failed, table, channels = 0, [], set()
     for path in files:
         try:
             image = decode_upload(path.read_bytes(), limits)
@@ -145,13 +147,32 @@ def _predict(args) -> int:
             failed += 1
             continue
         prediction = segmenter.predict_one(image, args.diameter)
-        result = answer(image, prediction, list(segmenter.prep.classes), model)
-        (args.out / f"{path.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / f"{path.stem}_mask.png").write_bytes(mask_png(prediction))
-        (args.out / f"{path.stem}_overlay.png").write_bytes(overlay_png(image, prediction))
-        print(f"{path}: {result['object_count']} objects")
+        rows = _write_outputs(args.out, path.stem, image, prediction, list(segmenter.prep.classes), model)
+        channels.add(1 if image.ndim == 2 else image.shape[2])
+        table += [{"image": path.name} | row for row in rows]
+        print(f"{path}: {len(rows)} objects")
+    # One table for the whole run; grey and colour images side by side get every intensity column.
+    columns = dict.fromkeys(c for n in sorted(channels or {1}) for c in measurement_columns(n))
+    (args.out / "objects.csv").write_text(csv_text(table, ["image", *columns]))
     print(f"wrote {len(files) - failed} results to {args.out}" + (f"; {failed} skipped" if failed else ""))
     return 1 if failed else 0
+
+
+def _write_outputs(out: Path, stem: str, image, prediction, classes: list[str], model: dict) -> list[dict]:
+    """Write one image's files to `out` (the service's answers, byte for byte); return its
+    objects' measurements."""
+    from segflow.core.measurements import measure_objects
+    from segflow.serve.answers import answer, labels_image, mask_png, measurements_csv, overlay_png
+
+    result = answer(image, prediction, classes, model)
+    rows = measure_objects(prediction.instances, prediction.mask, image, classes)
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}_mask.png").write_bytes(mask_png(prediction))
+    (out / f"{stem}_labels.png").write_bytes(labels_image(prediction, "png"))
+    (out / f"{stem}_objects.csv").write_text(measurements_csv(rows, channels))
+    (out / f"{stem}_overlay.png").write_bytes(overlay_png(image, prediction))
+    return rows
 
 
 def _open_model(ref: str):

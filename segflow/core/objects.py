@@ -37,6 +37,11 @@ class SegmentedObject:
     score: float  # mean class probability over the object's pixels
 
 
+def class_name(classes: list[str], class_id: int) -> str:
+    """The name of a class id (class_<id> for an id the model's class list lacks)."""
+    return classes[class_id] if class_id < len(classes) else f"class_{class_id}"
+
+
 def label_instances(mask: np.ndarray) -> np.ndarray:
     """(H, W) uint8 class ids -> (H, W) uint16 instance ids, 0 = background.
 

@@ -1,4 +1,4 @@
-"""The answer for one image: JSON description, mask PNG and overlay PNG.
+"""The answer for one image: JSON description, measurements, mask, labels and overlay images.
 
 The service's endpoints and `segflow predict` both build their outputs here from the
 same Prediction, so a file written by the CLI is byte-for-byte what the service returns
@@ -7,18 +7,23 @@ same Prediction, so a file written by the CLI is byte-for-byte what the service 
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import asdict
 
 import cv2
 import numpy as np
 
 from segflow.core.inference import Prediction
-from segflow.core.objects import coco_rle, describe_objects, draw_outlines
+from segflow.core.measurements import measure_objects, measurement_columns
+from segflow.core.objects import class_name, coco_rle, describe_objects, draw_outlines
 
 ANSWER_VERSION = 1
 
 
-def answer(image: np.ndarray, prediction: Prediction, classes: list[str], model: dict) -> dict:
+def answer(
+    image: np.ndarray, prediction: Prediction, classes: list[str], model: dict, measurements: bool = False
+) -> dict:
     """The JSON answer for one image.
 
     Args:
@@ -26,13 +31,22 @@ def answer(image: np.ndarray, prediction: Prediction, classes: list[str], model:
         prediction: the Segmenter's result for it.
         classes: class names, index = class id (0 = background).
         model: who answered: name, version, alias, tag.
+        measurements: also give each object its `measurements` (measure_objects' columns
+            but id and class); off by default to keep the answer small.
 
     Returns:
         A JSON-ready dict: objects (id, class, area, bbox, polygon, score), object count,
         per-class pixel fractions, the class masks as COCO RLE, and the model.
     """
     mask = prediction.mask
-    objects = describe_objects(prediction.instances, mask, prediction.probability)
+    objects = [
+        {**asdict(obj), "bbox": list(obj.bbox), "class": class_name(classes, obj.class_id)}
+        for obj in describe_objects(prediction.instances, mask, prediction.probability)
+    ]
+    if measurements:
+        rows = {row.pop("id"): row for row in measure_objects(prediction.instances, mask, image, classes)}
+        for obj in objects:
+            obj["measurements"] = {k: v for k, v in rows[obj["id"]].items() if k != "class"}
     pixel_counts = np.bincount(mask.ravel(), minlength=len(classes))
     return {
         "version": ANSWER_VERSION,
@@ -43,14 +57,12 @@ def answer(image: np.ndarray, prediction: Prediction, classes: list[str], model:
             "dtype": image.dtype.name,
         },
         "object_count": len(objects),
-        "objects": [
-            {**asdict(obj), "bbox": list(obj.bbox), "class": _name(classes, obj.class_id)} for obj in objects
-        ],
+        "objects": objects,
         "class_fractions": {
-            _name(classes, c): round(float(n) / mask.size, 6) for c, n in enumerate(pixel_counts)
+            class_name(classes, c): round(float(n) / mask.size, 6) for c, n in enumerate(pixel_counts)
         },
         # One COCO RLE per non-background class (pycocotools.mask.decode reads them).
-        "masks": {_name(classes, c): coco_rle(mask == c) for c in range(1, len(classes))},
+        "masks": {class_name(classes, c): coco_rle(mask == c) for c in range(1, len(classes))},
         "model": model,
     }
 
@@ -65,13 +77,42 @@ def model_info(labels: dict, tag: str | None) -> dict:
     }
 
 
-def _name(classes: list[str], class_id: int) -> str:
-    return classes[class_id] if class_id < len(classes) else f"class_{class_id}"
-
-
 def mask_png(prediction: Prediction) -> bytes:
     """PNG of the (H, W) uint8 class ids (0 background, 1 first class, ...)."""
     return encode_png(prediction.mask)
+
+
+LABEL_FORMATS = {"png": "image/png", "tiff": "image/tiff"}
+
+
+def labels_image(prediction: Prediction, fmt: str = "png") -> bytes:
+    """The instance label image: (H, W) uint16, 0 = background, each object its id (the `id`
+    of the JSON answer's objects), as a 16-bit PNG or TIFF; Fiji, QuPath, napari, Cellpose's
+    and StarDist's tools all read it as labels.
+    """
+    if fmt == "png":
+        return encode_png(prediction.instances)
+    if fmt == "tiff":
+        import tifffile
+
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, prediction.instances, compression="zlib")
+        return buffer.getvalue()
+    raise ValueError(f"label image format {fmt!r}; choose one of {sorted(LABEL_FORMATS)}")
+
+
+def measurements_csv(rows: list[dict], channels: int) -> str:
+    """One image's measure_objects rows as CSV text (the header even when there are no objects)."""
+    return csv_text(rows, measurement_columns(channels))
+
+
+def csv_text(rows: list[dict], columns: list[str]) -> str:
+    """Rows as CSV with these columns, in order; a column a row lacks is left empty."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def overlay_png(image: np.ndarray, prediction: Prediction) -> bytes:

@@ -17,13 +17,21 @@ import uuid
 UPLOAD_FIELDS = {
     "/segment": "image",
     "/segment_mask": "image",
+    "/segment_labels": "image",
+    "/measurements": "image",
     "/segment_overlay": "image",
     "/segment_batch": "images",
 }
 API_PATHS = frozenset(UPLOAD_FIELDS)
-# Optional text fields an API takes besides its files: the objects' diameter in pixels, for
-# models trained at one object size (it replaces the model's own per-image estimate).
-OPTION_FIELDS = ("diameter",)
+# Optional text fields besides the files. Every API takes `diameter`, the objects' diameter in
+# pixels for models trained at one object size (it replaces the model's per-image estimate).
+OPTION_FIELDS = {
+    "/segment": ("diameter", "measurements"),
+    "/segment_batch": ("diameter", "measurements"),
+    "/segment_labels": ("diameter", "format"),
+}
+# The values a choice field accepts (what the API's type admits once BentoML JSON-parses it).
+CHOICES = {"measurements": ("true", "false"), "format": ("png", "tiff")}
 MAX_DIAMETER = 10_000.0  # larger than any image serve.max_pixels admits: a typo, not a cell
 # Reachable without a token: health probes, and static pages that hold no data (the page
 # sends the token the user types with each of its API calls).
@@ -108,7 +116,9 @@ class Gatekeeper:
                 )
             elif path in API_PATHS and method == "POST":
                 body, problem = await _read_upload(headers, receive, service.limits.max_bytes)
-                problem = problem or await _check_form(scope, body, UPLOAD_FIELDS[path])
+                problem = problem or await _check_form(
+                    scope, body, UPLOAD_FIELDS[path], OPTION_FIELDS.get(path, ("diameter",))
+                )
                 if problem:
                     await refuse(*problem)
                 else:
@@ -158,9 +168,9 @@ async def _read_upload(headers: dict, receive, max_bytes: int) -> tuple[bytes, t
     return b"".join(chunks), None
 
 
-async def _check_form(scope: dict, body: bytes, field: str) -> tuple | None:
+async def _check_form(scope: dict, body: bytes, field: str, options: tuple[str, ...]) -> tuple | None:
     """(status, reason) unless the multipart body holds only file parts named `field`
-    and, optionally, one valid value per OPTION_FIELDS entry."""
+    and, optionally, one valid value per field in `options`."""
     from starlette.requests import Request
 
     hint = f"send the file(s) in field '{field}', e.g. curl -F {field}=@cells.png"
@@ -169,8 +179,8 @@ async def _check_form(scope: dict, body: bytes, field: str) -> tuple | None:
             names = set(form.keys())
             if field not in names:
                 return 400, f"no field '{field}' in the form; {hint}"
-            if names - {field, *OPTION_FIELDS}:
-                return 400, f"unexpected form field(s) {sorted(names - {field, *OPTION_FIELDS})}; {hint}"
+            if names - {field, *options}:
+                return 400, f"unexpected form field(s) {sorted(names - {field, *options})}; {hint}"
             if field == "image" and len(form.getlist(field)) > 1:
                 return (
                     400,
@@ -178,11 +188,23 @@ async def _check_form(scope: dict, body: bytes, field: str) -> tuple | None:
                 )
             if any(isinstance(value, str) for value in form.getlist(field)):
                 return 400, f"field '{field}' must be a file upload, not text; {hint}"
-            if "diameter" in names:
-                return _check_diameter(form.getlist("diameter"))
+            if "diameter" in names and (problem := _check_diameter(form.getlist("diameter"))):
+                return problem
+            for name in names & set(CHOICES):
+                if problem := _check_choice(name, form.getlist(name)):
+                    return problem
     except Exception as exc:
         return 400, f"the multipart body cannot be parsed ({exc}); {hint}"
     return None
+
+
+def _check_choice(name: str, values: list) -> tuple | None:
+    """(422, reason) unless `values` is one of the field's CHOICES."""
+    allowed = CHOICES[name]
+    if len(values) == 1 and isinstance(values[0], str) and values[0] in allowed:
+        return None
+    shown = values[0][:40] if len(values) == 1 and isinstance(values[0], str) else "not one text value"
+    return 422, f"field {name!r} is {shown!r}; send one of {', '.join(allowed)}, e.g. -F {name}={allowed[0]}"
 
 
 def _check_diameter(values: list) -> tuple | None:

@@ -52,7 +52,8 @@ def make_client(tmp_path: Path, monkeypatch):
     def make(token: str | None = None, max_bytes: int = 4096):
         service = _service(tmp_path, token, max_bytes)
         monkeypatch.setattr(bentoml, "get_current_service", lambda: service)
-        routes = [Route(path, _accepted, methods=["POST"]) for path in ("/segment", "/segment_batch")]
+        paths = ("/segment", "/segment_batch", "/segment_labels", "/measurements")
+        routes = [Route(path, _accepted, methods=["POST"]) for path in paths]
         app = Starlette(routes=[*routes, Route("/readyz", _ready), Route("/metadata", _ready)])
         app.add_middleware(Gatekeeper)
         return TestClient(app), service
@@ -135,3 +136,27 @@ def test_an_optional_diameter_passes_and_a_bad_one_is_refused(make_client):
         assert "diameter" in response.json()["error"] and "pixels" in response.json()["error"]
     as_file = client.post("/segment", files={"image": ("a.png", PNG), "diameter": ("d.txt", b"30")})
     assert as_file.status_code == 422
+
+
+def test_each_api_takes_its_own_options_with_valid_values(make_client):
+    client, _ = make_client()
+    image = {"image": ("a.png", PNG)}
+    passes = [
+        ("/segment", {"measurements": "true"}),
+        ("/segment_batch", {"measurements": "false"}),
+        ("/segment_labels", {"format": "tiff", "diameter": "12"}),
+        ("/measurements", {"diameter": "12"}),
+    ]
+    for path, data in passes:
+        files = {"images": ("a.png", PNG)} if path == "/segment_batch" else image
+        response = client.post(path, files=files, data=data)
+        assert response.status_code == 200, (path, response.text)
+        assert response.json()["accepted"] | data == response.json()["accepted"]
+    bad_values = [("/segment", "measurements", "yes"), ("/segment_labels", "format", "jpeg")]
+    for path, field, value in bad_values:
+        response = client.post(path, files=image, data={field: value})
+        assert response.status_code == 422, (path, response.text)
+        assert field in response.json()["error"] and "send one of" in response.json()["error"]
+    # An option another API takes is refused by name, not silently ignored.
+    misplaced = client.post("/measurements", files=image, data={"format": "png"})
+    assert misplaced.status_code == 400 and "'format'" in misplaced.json()["error"]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import struct
 import zlib
 
+import cv2
 import httpx
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 from pycocotools import mask as coco_mask
+from skimage.measure import regionprops
 
 from tests.conftest import run
 from tests.service.conftest import TOKEN
@@ -90,6 +94,41 @@ def test_mask_overlay_and_batch(server, sample_images):
     results = batch.json()["results"]
     assert [r["object_count"] for r in results] == [s["object_count"] for s in singles]
     assert [r["masks"] for r in results] == [s["masks"] for s in singles]
+
+
+def _filled(polygon: list[int], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: a COCO polygon (x1, y1, x2, y2, ...) drawn filled."""
+    canvas = np.zeros(shape, np.uint8)
+    cv2.fillPoly(canvas, [np.array(polygon, np.int32).reshape(-1, 2)], 1)
+    return canvas.astype(bool)
+
+
+def test_labels_and_measurements_describe_the_same_objects(server, sample_images):
+    data = sample_images[0].read_bytes()
+    body = post(server, "/segment", {"image": data}, data={"measurements": "true"}).json()
+    assert body["object_count"] > 0
+    png = post(server, "/segment_labels", {"image": data})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    labels = cv2.imdecode(np.frombuffer(png.content, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert labels.dtype == np.uint16 and labels.shape == (64, 64)
+    assert sorted(np.unique(labels[labels > 0])) == [o["id"] for o in body["objects"]]
+    regions = {r.label: r for r in regionprops(labels)}
+    for obj in body["objects"]:
+        own, drawn = labels == obj["id"], _filled(obj["polygon"], labels.shape)
+        assert (own & drawn).sum() / (own | drawn).sum() >= 0.95, obj["id"]
+        assert regions[obj["id"]].area == obj["area"] == obj["measurements"]["area"]
+    # TIFF, by field or by Accept header, holds the same ids.
+    by_field = post(server, "/segment_labels", {"image": data}, data={"format": "tiff"})
+    by_header = post(server, "/segment_labels", {"image": data}, headers={"accept": "image/tiff"})
+    for response in (by_field, by_header):
+        assert response.headers["content-type"] == "image/tiff"
+        assert np.array_equal(tifffile.imread(io.BytesIO(response.content)), labels)
+    table = post(server, "/measurements", {"image": data})
+    assert table.status_code == 200 and table.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(table.text)))
+    assert [(int(r["id"]), float(r["area"])) for r in rows] == [(o["id"], o["area"]) for o in body["objects"]]
+    bad = post(server, "/segment_labels", {"image": data}, data={"format": "jpeg"})
+    assert bad.status_code == 422 and "format" in bad.json()["error"]
 
 
 def test_every_accepted_input_type(server):
@@ -251,6 +290,15 @@ def test_cli_predict_matches_the_service(server, built_repo, sample_images, tmp_
         assert (out / f"{path.stem}_overlay.png").read_bytes() == post(
             server, "/segment_overlay", {"image": data}
         ).content
+        assert (out / f"{path.stem}_labels.png").read_bytes() == post(
+            server, "/segment_labels", {"image": data}
+        ).content
+        measured = post(server, "/measurements", {"image": data}).text
+        assert (out / f"{path.stem}_objects.csv").read_text() == measured
+    # One table for the folder: every object of every image, named by file.
+    table = list(csv.DictReader((out / "objects.csv").open()))
+    counts = [json.loads((out / f"{p.stem}.json").read_text())["object_count"] for p in picked]
+    assert [sum(r["image"] == p.name for r in table) for p in picked] == counts
 
 
 def test_cli_predict_reports_bad_files(built_repo, tmp_path):

@@ -10,6 +10,8 @@ from pathlib import Path
 from segflow.errors import UserError
 from segflow.runtime import configure_logging, offline_env
 
+OUTLINE_FORMATS = ("roi", "geojson")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segflow", description=__doc__)
@@ -51,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the objects' diameter in pixels, for models trained at one object size "
         "(train.diameter); default: the model's own setting, usually a per-image estimate",
+    )
+    predict.add_argument(
+        "--formats",
+        nargs="+",
+        choices=OUTLINE_FORMATS,
+        default=[],
+        help="also write outlines for desktop tools: roi (<stem>_rois.zip, an ImageJ ROI set for "
+        "Fiji's ROI Manager), geojson (<stem>.geojson, QuPath detections with measurements)",
     )
     predict.set_defaults(run=_predict)
 
@@ -147,7 +157,8 @@ def _predict(args) -> int:
             failed += 1
             continue
         prediction = segmenter.predict_one(image, args.diameter)
-        rows = _write_outputs(args.out, path.stem, image, prediction, list(segmenter.prep.classes), model)
+        classes = list(segmenter.prep.classes)
+        rows = _write_outputs(args.out, path.stem, image, prediction, classes, model, args.formats)
         channels.add(1 if image.ndim == 2 else image.shape[2])
         table += [{"image": path.name} | row for row in rows]
         print(f"{path}: {len(rows)} objects")
@@ -158,11 +169,14 @@ def _predict(args) -> int:
     return 1 if failed else 0
 
 
-def _write_outputs(out: Path, stem: str, image, prediction, classes: list[str], model: dict) -> list[dict]:
-    """Write one image's files to `out` (the service's answers, byte for byte); return its
-    objects' measurements."""
+def _write_outputs(
+    out: Path, stem: str, image, prediction, classes: list[str], model: dict, formats: list[str]
+) -> list[dict]:
+    """Write one image's files to `out` (the service's answers, byte for byte, plus the
+    outline `formats` asked for); return its objects' measurements."""
     from segflow.core.measurements import measure_objects
     from segflow.serve.answers import answer, labels_image, mask_png, measurements_csv, overlay_png
+    from segflow.serve.outlines import geojson_collection, imagej_rois
 
     result = answer(image, prediction, classes, model)
     rows = measure_objects(prediction.instances, prediction.mask, image, classes)
@@ -172,6 +186,11 @@ def _write_outputs(out: Path, stem: str, image, prediction, classes: list[str], 
     (out / f"{stem}_labels.png").write_bytes(labels_image(prediction, "png"))
     (out / f"{stem}_objects.csv").write_text(measurements_csv(rows, channels))
     (out / f"{stem}_overlay.png").write_bytes(overlay_png(image, prediction))
+    if "roi" in formats:
+        (out / f"{stem}_rois.zip").write_bytes(imagej_rois(prediction.instances, result["objects"]))
+    if "geojson" in formats:
+        collection = geojson_collection(prediction.instances, result["objects"], {r["id"]: r for r in rows})
+        (out / f"{stem}.geojson").write_text(json.dumps(collection) + "\n")
     return rows
 
 

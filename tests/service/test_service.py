@@ -9,9 +9,11 @@ import struct
 import zlib
 
 import cv2
+import geojson
 import httpx
 import numpy as np
 import pytest
+import roifile
 import tifffile
 from PIL import Image
 from pycocotools import mask as coco_mask
@@ -278,7 +280,8 @@ def test_cli_predict_matches_the_service(server, built_repo, sample_images, tmp_
     """`segflow predict` writes exactly what the service answers (timings aside)."""
     out = tmp_path / "predictions"
     picked = sample_images[2:4]
-    run(["segflow", "predict", *map(str, picked), "--out", str(out)], built_repo)
+    formats = ["--formats", "roi", "geojson"]
+    run(["segflow", "predict", *map(str, picked), "--out", str(out), *formats], built_repo)
     for path in picked:
         data = path.read_bytes()
         service = post(server, "/segment", {"image": data}).json()
@@ -295,6 +298,15 @@ def test_cli_predict_matches_the_service(server, built_repo, sample_images, tmp_
         ).content
         measured = post(server, "/measurements", {"image": data}).text
         assert (out / f"{path.stem}_objects.csv").read_text() == measured
+        # Fiji's ROI set and QuPath's GeoJSON: one outline per object of the label image.
+        labels = cv2.imread(str(out / f"{path.stem}_labels.png"), cv2.IMREAD_UNCHANGED)
+        rois = roifile.roiread(out / f"{path.stem}_rois.zip")
+        features = geojson.loads((out / f"{path.stem}.geojson").read_text())
+        assert features.is_valid and len(rois) == len(features["features"]) == labels.max()
+        for roi, feature in zip(rois, features["features"], strict=True):
+            ring = np.array(feature["geometry"]["coordinates"][0])
+            assert np.array_equal(ring[:-1], roi.coordinates())
+            assert feature["properties"]["measurements"]["area"] == (labels == feature["id"]).sum()
     # One table for the folder: every object of every image, named by file.
     table = list(csv.DictReader((out / "objects.csv").open()))
     counts = [json.loads((out / f"{p.stem}.json").read_text())["object_count"] for p in picked]

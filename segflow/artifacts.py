@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import shutil
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -75,7 +77,9 @@ def data_hash(folder: Path) -> str | None:
 def replace_dir(target: Path) -> Iterator[Path]:
     """Build a folder beside `target` and swap it in only when the block succeeds.
 
-    A failing stage thus leaves the previous output exactly as it was.
+    A stage that fails half-way thus never leaves a half-written output. (Under `dvc repro`
+    DVC has removed the previous output before the stage started; run_stage says how to
+    get it back.)
     """
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -104,7 +108,63 @@ def run_stage(main: Callable[[], None]) -> None:
         main()
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _print_restore_hint()
         sys.exit(1)
     except KeyboardInterrupt:
         traceback.print_exc(limit=1)
+        _print_restore_hint()
         sys.exit(130)
+    except Exception:
+        _print_restore_hint()
+        raise
+
+
+def _print_restore_hint() -> None:
+    stage = os.environ.get("DVC_STAGE")  # set by DVC for the stage it runs
+    if stage:
+        hint = restore_hint(stage, Path(os.environ.get("DVC_ROOT", ".")))
+        if hint:
+            print(hint, file=sys.stderr)
+
+
+def restore_hint(stage: str, root: Path) -> str:
+    """How to get back the outputs DVC removed before running `stage` (it keeps outputs only
+    with `persist: true`, which would turn off its run-cache).
+
+    Cached outputs are in DVC's cache as dvc.lock records them: `dvc checkout <stage>`. Reports
+    (`cache: false`) are committed to git: `git checkout -- <paths>` restores them as last
+    committed. Returns "" for a stage without outputs.
+    """
+    import yaml
+
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return ""
+    spec = (yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}).get(stage.split(":")[-1]) or {}
+    outputs = [_output(item) for kind in ("outs", "metrics", "plots") for item in spec.get(kind) or []]
+    commands = [f"dvc checkout {stage}"] if any(cached for _, cached in outputs) else []
+    committed = [path for path, cached in outputs if not cached and _committed(root, path)]
+    if committed:
+        commands.append("git checkout -- " + " ".join(committed))
+    if not commands:
+        return ""
+    return (
+        f"DVC removed the previous outputs of {stage} before this run; to put the last good run's "
+        f"back: {' && '.join(commands)}"
+    )
+
+
+def _output(item: str | dict) -> tuple[str, bool]:
+    """(path, cached) of one dvc.yaml output entry: `path` or `{path: {cache: false, ...}}`."""
+    if isinstance(item, str):
+        return item, True
+    [(path, options)] = item.items()
+    return path, (options or {}).get("cache", True)
+
+
+def _committed(root: Path, path: str) -> bool:
+    """Whether git's HEAD holds anything under `path`."""
+    result = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", "HEAD", "--", path], cwd=root, capture_output=True, text=True
+    )
+    return result.returncode == 0 and bool(result.stdout.strip())

@@ -34,8 +34,10 @@ OUT = REPORTS / "crossval"  # summary.json (metrics), folds.csv, images.csv
 
 def main() -> None:
     if not _crossval_section().folds:
-        with replace_dir(OUT) as out:
+        with replace_dir(OUT) as out:  # the files dvc.yaml declares, empty but for the summary
             write_json(out / "summary.json", {"folds": 0})
+            write_csv(out / "folds.csv", [])
+            write_csv(out / "images.csv", [])
         print("crossval: off (crossval.folds: 0); set it to 3 or more to cross-validate the recipe")
         return
     params = load_params()

@@ -61,6 +61,7 @@ def main() -> None:
 
     tags = tracking.lineage_tags("evaluate", params.digest(), data_hash(SPLIT))
     with tracking.model_stage_run("evaluate", tags, MODEL) as (parent_id, _):
+        tracking.log_datasets(SPLIT, ("val", "test"))  # val chose the post-processing; test scored it
         report.log_to_mlflow(parent_id, OVERLAYS)
     print(report.describe())
 

@@ -58,6 +58,7 @@ def main() -> None:
             import mlflow
 
             mlflow.log_metrics({"parity_max_abs_diff": parity["max_abs_diff"]})
+            tracking.log_datasets(SPLIT, ("train", "test"))  # the drift reference; the parity check
             mlflow.log_dict(parity, "parity.json")
         example = normalize(test[0].image, prep)[None, :, :64, :64]  # (1, C, 64, 64) float32
         version_tags = {**tags, "segflow.test_hash": read_json(SPLIT / "summary.json")["test_hash"]}

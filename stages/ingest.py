@@ -35,8 +35,7 @@ def main() -> None:
             write_json(FAILED_REPORT, ingested.report())
             raise StageError(
                 f"ingest validation failed ({', '.join(failed)}) for {cfg.source}; fix or remove the items "
-                f"named above, or set ingest.on_error: skip to drop them (full report: {FAILED_REPORT}). "
-                f"Previous outputs in {INGESTED} are unchanged."
+                f"named above, or set ingest.on_error: skip to drop them (full report: {FAILED_REPORT})."
             )
         FAILED_REPORT.unlink(missing_ok=True)
         manifest, digest = ingested.manifest, ingested.data_hash()

@@ -61,6 +61,7 @@ def _fit_and_log(params, train, val, out, parent_id: str) -> tuple[dict, float]:
 
     logged = tracking.flatten("", params.model_dump(mode="json", exclude={"ingest", "convert"}))
     mlflow.log_params(logged)
+    tracking.log_datasets(SPLIT, ("train", "val"))
     tracking.log_to_parent(parent_id, params=logged)
     on_epoch = tracking.epoch_logger(parent_id)
     history = train_model(params, train, val, out / "model.pt", on_epoch=on_epoch, resume_path=RESUME)

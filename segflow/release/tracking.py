@@ -175,6 +175,31 @@ def model_stage_run(stage: str, tags: dict[str, str], model_dir: Path, new_model
         yield parent_id, child
 
 
+def log_datasets(split_dir: Path, splits: tuple[str, ...]) -> None:
+    """On the active run: each split's manifest as an MLflow dataset input, so `mlflow ui`
+    shows which images made (or scored) which model.
+
+    The dataset is named after the split and logged with it as context; its digest is the
+    manifest's hash (the manifest lists every image's and mask's content hash, so the digest
+    changes when the data or the split does); the run's `segflow.data_hash` tag names the
+    ingested dataset as a whole.
+    """
+    import warnings
+
+    import mlflow
+    import pandas as pd
+
+    for split in splits:
+        path = split_dir / f"{split}.csv"
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that a path is ambiguous.
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+            dataset = mlflow.data.from_pandas(
+                pd.read_csv(path), source=path.as_posix(), name=split, digest=file_sha256(path)[:16]
+            )
+        mlflow.log_input(dataset, context=split)
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file's bytes (weights and ONNX files are a few MB)."""
     digest = hashlib.sha256()

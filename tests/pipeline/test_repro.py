@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -80,14 +81,31 @@ def test_second_repro_runs_nothing_and_status_is_clean(built_repo: Path):
     assert "up to date" in status.stdout, status.stdout
 
 
-def test_changing_epochs_reruns_only_the_model_stages(repo_copy: Path):
-    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+def test_changing_epochs_reruns_the_model_stages_and_going_back_restores_them_from_the_run_cache(
+    repo_copy: Path,
+):
+    model = repo_copy / "artifacts/model/model.pt"
+    first = {p: (repo_copy / p).read_bytes() for p in ("artifacts/model/model.pt", "reports/metrics.json")}
+    original = (repo_copy / "params.yaml").read_text()
+    params = yaml.safe_load(original)
     params["train"]["epochs"] = 3
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
     log = run(["dvc", "repro"], repo_copy).stdout  # a dry run cannot see downstream changes
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in log}
     # crossval trains by the same params (it is off here: crossval.folds 0, so it only says so).
     assert ran == {"train", "evaluate", "export", "promote", "crossval"}, log
+    assert model.read_bytes() != first["artifacts/model/model.pt"]
+
+    # Back to the first epochs: DVC's run-cache restores the first run's outputs, no training.
+    (repo_copy / "params.yaml").write_text(original)
+    started = time.perf_counter()
+    back = run(["dvc", "repro"], repo_copy).stdout
+    print(f"dvc repro back to the first params: {time.perf_counter() - started:.1f} s")
+    for stage in ("train", "evaluate", "export", "crossval"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back, back
+    assert "Running stage 'promote'" in back  # it acts on the registry: never restored from a file
+    for path, content in first.items():
+        assert (repo_copy / path).read_bytes() == content, path
 
 
 def test_tuning_grids_rerun_evaluation_not_training(built_repo: Path):
@@ -129,6 +147,19 @@ def test_stage_runs_are_grouped_per_model_with_lineage_tags(built_repo: Path):
         assert tags["segflow.git_dirty"] in {"true", "false"}
         assert tags["segflow.data_hash"] == data_hash
         assert tags["segflow.params_hash"] == _params_digest(built_repo)
+
+    # Each stage run lists the splits it read as MLflow datasets (digest: the manifest's hash).
+    digests = {
+        split: hashlib.sha256((built_repo / f"artifacts/split/{split}.csv").read_bytes()).hexdigest()[:16]
+        for split in ("train", "val", "test")
+    }
+    read = {"train": {"train", "val"}, "evaluate": {"val", "test"}, "export": {"train", "test"}}
+    for child in children:
+        inputs = client.get_run(child.info.run_id).inputs.dataset_inputs
+        assert {d.dataset.name for d in inputs} == read.get(child.data.tags["segflow.stage"], set())
+        for d in inputs:
+            assert d.dataset.digest == digests[d.dataset.name]
+            assert {t.key: t.value for t in d.tags}["mlflow.data.context"] == d.dataset.name
 
     parent = client.get_run(parent_id)
     assert parent.data.params["train.encoder"] == "resnet18"
@@ -173,10 +204,13 @@ def test_sqlite_store_is_at_the_repository_root(built_repo: Path):
     assert experiments["segflow"] == (built_repo / "mlartifacts" / "segflow").as_uri()
 
 
-def test_corrupt_image_fails_ingest_and_keeps_previous_outputs(repo_copy: Path):
+def test_corrupt_image_fails_ingest_and_says_how_to_restore_the_last_good_outputs(repo_copy: Path):
+    # The documented workflow: the last good run is committed (dvc.lock and reports in git).
+    run(["git", "add", "-A"], repo_copy)
+    run(["git", "commit", "-q", "-m", "a good run"], repo_copy)
     before = {
         p: (repo_copy / p).read_bytes()
-        for p in ("artifacts/ingested/manifest.csv", "artifacts/model/model.pt")
+        for p in ("artifacts/ingested/manifest.csv", "artifacts/model/model.pt", "reports/validation.json")
     }
     victim = sorted((repo_copy / "data/images").iterdir())[3]
     victim.write_bytes(victim.read_bytes()[:200])  # a truncated PNG
@@ -184,10 +218,16 @@ def test_corrupt_image_fails_ingest_and_keeps_previous_outputs(repo_copy: Path):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert f"images/{victim.name}" in output and "every image is readable" in output
-    for path, content in before.items():
-        assert (repo_copy / path).read_bytes() == content, f"{path} changed after a failed ingest"
     report = json.loads((repo_copy / "artifacts/ingest.failed.json").read_text())
     assert not report["suites"]["ingest"]["success"]
+    # DVC removed ingest's outputs before the run; the message names the line that restores them.
+    assert not (repo_copy / "artifacts/ingested").exists()
+    [hint] = [line for line in output.splitlines() if "DVC removed the previous outputs of ingest" in line]
+    restore = hint.split("back: ", 1)[1]
+    assert restore == "dvc checkout ingest && git checkout -- reports/validation.json", restore
+    run(["bash", "-c", restore], repo_copy)
+    for path, content in before.items():
+        assert (repo_copy / path).read_bytes() == content, f"{path} not restored after a failed ingest"
 
 
 def test_wrong_size_mask_fails_ingest_naming_the_file(repo_copy: Path):

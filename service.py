@@ -12,7 +12,7 @@ Endpoints (POST takes multipart/form-data: `image`, or `images` for the batch):
   POST /segment_batch    the same for up to serve.max_batch_images images
   POST /segment_mask     PNG of class ids
   POST /segment_labels   the instance label image (object ids): 16-bit PNG, or TIFF with
-                         `format=tiff` or `Accept: image/tiff`
+                         `format=tiff` or `Accept: image/tiff` (32-bit beyond 65,535 objects)
   POST /measurements     CSV: one row of measurements per object
   POST /segment_overlay  PNG of the input with every object outlined
   GET  /metadata         model, registry version, test metrics, lineage, input contract
@@ -46,6 +46,7 @@ with bentoml.importing():
     from segflow.serve.answers import (
         LABEL_FORMATS,
         answer,
+        label_format,
         labels_image,
         mask_png,
         measurements_csv,
@@ -266,13 +267,18 @@ class SegflowService:
         format: Literal["png", "tiff"] | None = None,
     ) -> PNG:
         """One image -> its instance label image (0 background, each object its id, as in /segment):
-        a 16-bit PNG, or a TIFF with `format=tiff` or an `Accept: image/tiff` header."""
+        a 16-bit PNG, or a TIFF with `format=tiff` or an `Accept: image/tiff` header; beyond
+        65,535 objects always a 32-bit TIFF."""
         try:
             [(_, prediction)] = self._segment([image], ctx, diameter)
         except UploadError as exc:
             return self._refuse(exc, ctx)
         accept = ctx.request.headers.get("accept", "")
-        fmt = format or ("tiff" if "image/tiff" in accept and "image/png" not in accept else "png")
+        asked = format or ("tiff" if "image/tiff" in accept and "image/png" not in accept else None)
+        try:
+            fmt = label_format(prediction, asked)
+        except ValueError as exc:
+            return self._refuse(UploadError(422, str(exc)), ctx)
         return Response(labels_image(prediction, fmt), media_type=LABEL_FORMATS[fmt])
 
     @bentoml.api

@@ -175,7 +175,15 @@ def _write_outputs(
     """Write one image's files to `out` (the service's answers, byte for byte, plus the
     outline `formats` asked for); return its objects' measurements."""
     from segflow.core.measurements import measure_objects
-    from segflow.serve.answers import answer, labels_image, mask_png, measurements_csv, overlay_png
+    from segflow.serve.answers import (
+        LABEL_SUFFIXES,
+        answer,
+        label_format,
+        labels_image,
+        mask_png,
+        measurements_csv,
+        overlay_png,
+    )
     from segflow.serve.outlines import geojson_collection, imagej_rois
 
     result = answer(image, prediction, classes, model)
@@ -183,7 +191,8 @@ def _write_outputs(
     channels = 1 if image.ndim == 2 else image.shape[2]
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}_mask.png").write_bytes(mask_png(prediction))
-    (out / f"{stem}_labels.png").write_bytes(labels_image(prediction, "png"))
+    fmt = label_format(prediction)  # PNG, or a 32-bit TIFF beyond 65,535 objects
+    (out / f"{stem}_labels{LABEL_SUFFIXES[fmt]}").write_bytes(labels_image(prediction, fmt))
     (out / f"{stem}_objects.csv").write_text(measurements_csv(rows, channels))
     (out / f"{stem}_overlay.png").write_bytes(overlay_png(image, prediction))
     if "roi" in formats:

@@ -108,7 +108,7 @@ class Prediction:
     logits: np.ndarray  # two classes: (H, W) float32 foreground logit; K > 2: (K, H, W)
     probability: np.ndarray  # (H, W) float32 in [0, 1]: P(foreground) = 1 - P(background)
     mask: np.ndarray  # (H, W) uint8 class ids
-    instances: np.ndarray  # (H, W) uint16 object ids, 0 = background
+    instances: np.ndarray  # (H, W) object ids, 0 = background: uint16, uint32 beyond 65,535 objects
     interior: np.ndarray | None = None  # watershed models: (H, W) float32 P(object interior)
 
 

@@ -13,9 +13,8 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from segflow.core.masks import relabel_sequential
+from segflow.core.masks import id_dtype, sequential_ids
 from segflow.core.objects import outline_pixels
-from segflow.errors import UserError
 
 
 def interior_target(instances: np.ndarray, margin: int) -> np.ndarray:
@@ -103,15 +102,15 @@ def split_by_class(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Objects that span several predicted classes split into one object per class.
 
     Args:
-        labels: (H, W) uint16 instance ids.
+        labels: (H, W) uint16 (or uint32) instance ids.
         mask: (H, W) uint8 class ids.
 
     Returns:
-        (H, W) uint16 ids 1..n, 0 = background.
+        (H, W) ids 1..n, 0 = background: uint16, or uint32 beyond 65,535 objects.
     """
     key = labels.astype(np.int64) * 256 + mask  # (H, W): one value per (object, class) pair
     key[labels == 0] = 0
-    return relabel_sequential(key)
+    return sequential_ids(key)
 
 
 def drop_small(instances: np.ndarray, min_area: int) -> np.ndarray:
@@ -122,16 +121,15 @@ def drop_small(instances: np.ndarray, min_area: int) -> np.ndarray:
 
 
 def compact_ids(labels: np.ndarray, min_area: int = 1) -> np.ndarray:
-    """Non-negative integer labels -> (H, W) uint16 ids 1..n in label order, 0 = background.
+    """Non-negative integer labels -> (H, W) ids 1..n in label order, 0 = background: uint16,
+    or uint32 beyond 65,535 objects (a label image then needs TIFF, not PNG).
 
     Labels covering fewer than `min_area` pixels become background. For labels up to about
-    the pixel count (a lookup table that large); relabel_sequential handles any id.
+    the pixel count (a lookup table that large); sequential_ids handles any id.
     """
     areas = np.bincount(labels.ravel())
     keep = areas >= min_area
     keep[0] = False
-    if keep.sum() > np.iinfo(np.uint16).max:
-        raise UserError(f"{keep.sum()} objects in one image; at most 65535 are supported")
-    new_ids = np.zeros(len(areas), np.uint16)
+    new_ids = np.zeros(len(areas), id_dtype(int(keep.sum())))
     new_ids[keep] = np.arange(1, keep.sum() + 1)
     return new_ids[labels]

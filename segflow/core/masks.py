@@ -44,18 +44,29 @@ def semantic_from_values(
     return np.isin(mask, foreground_values).astype(np.uint8)
 
 
-def relabel_sequential(instances: np.ndarray) -> np.ndarray:
-    """Instance ids renumbered 1..n in increasing id order; (H, W) uint16.
+def id_dtype(objects: int) -> type:
+    """The label dtype for this many objects: uint16 (a 16-bit PNG), uint32 beyond 65,535."""
+    return np.uint16 if objects <= np.iinfo(np.uint16).max else np.uint32
+
+
+def sequential_ids(instances: np.ndarray) -> np.ndarray:
+    """Instance ids renumbered 1..n in increasing id order; (H, W) id_dtype(n).
 
     Works from the ids present (np.unique), so 32-bit ids near 4e9 cost no lookup table.
     """
     ids, inverse = np.unique(instances, return_inverse=True)
     objects = len(ids) - int(ids[0] == 0)
-    if objects > np.iinfo(np.uint16).max:
-        raise UserError(f"{objects} objects in one mask; at most 65535 are supported")
     if ids[0] != 0:
         inverse = inverse + 1  # no background pixel: the smallest id becomes 1
-    return inverse.reshape(instances.shape).astype(np.uint16)
+    return inverse.reshape(instances.shape).astype(id_dtype(objects))
+
+
+def relabel_sequential(instances: np.ndarray) -> np.ndarray:
+    """sequential_ids for a stored mask: (H, W) uint16 (canonical masks are 16-bit PNGs)."""
+    relabelled = sequential_ids(instances)
+    if relabelled.dtype != np.uint16:
+        raise UserError(f"{int(relabelled.max())} objects in one mask; at most 65535 are supported")
+    return relabelled
 
 
 def connected_instances(semantic: np.ndarray) -> np.ndarray:

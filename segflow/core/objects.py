@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from segflow.errors import UserError
+from segflow.core.masks import id_dtype
 
 # Distinct outline colours (RGB), cycled by object id so touching objects differ.
 PALETTE = np.array(
@@ -43,21 +43,20 @@ def class_name(classes: list[str], class_id: int) -> str:
 
 
 def label_instances(mask: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 class ids -> (H, W) uint16 instance ids, 0 = background.
+    """(H, W) uint8 class ids -> (H, W) instance ids, 0 = background: uint16, or uint32
+    beyond 65,535 objects.
 
     Each class's 4-connected components get ids in raster order, class 1 first; the
     same connectivity the pipeline uses for ground-truth instances.
     """
-    instances = np.zeros(mask.shape, np.uint16)
+    instances = np.zeros(mask.shape, np.uint32)
     next_id = 1
     for class_id in np.flatnonzero(np.bincount(mask.ravel())[1:]) + 1:  # classes present (faster than unique)
         count, labels = cv2.connectedComponents((mask == class_id).astype(np.uint8), connectivity=4)
-        if next_id + count - 1 > np.iinfo(np.uint16).max:
-            raise UserError(f"more than 65535 objects in one image (class {class_id})")
         found = labels > 0
         instances[found] = labels[found] + (next_id - 1)
         next_id += count - 1
-    return instances
+    return instances.astype(id_dtype(next_id - 1))
 
 
 def object_scores(instances: np.ndarray, probability: np.ndarray) -> dict[int, float]:

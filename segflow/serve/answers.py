@@ -83,12 +83,24 @@ def mask_png(prediction: Prediction) -> bytes:
 
 
 LABEL_FORMATS = {"png": "image/png", "tiff": "image/tiff"}
+LABEL_SUFFIXES = {"png": ".png", "tiff": ".tif"}
+
+
+def label_format(prediction: Prediction, asked: str | None = None) -> str:
+    """`asked` (png or tiff), else PNG up to 65,535 objects and TIFF beyond (PNG stops at
+    16 bits). Raises ValueError when PNG is asked for more objects than it can hold."""
+    wide = prediction.instances.dtype != np.uint16
+    if asked == "png" and wide:
+        raise ValueError(
+            f"{int(prediction.instances.max())} objects do not fit a 16-bit PNG; ask for format=tiff"
+        )
+    return asked or ("tiff" if wide else "png")
 
 
 def labels_image(prediction: Prediction, fmt: str = "png") -> bytes:
-    """The instance label image: (H, W) uint16, 0 = background, each object its id (the `id`
-    of the JSON answer's objects), as a 16-bit PNG or TIFF; Fiji, QuPath, napari, Cellpose's
-    and StarDist's tools all read it as labels.
+    """The instance label image: (H, W), 0 = background, each object its id (the `id` of
+    the JSON answer's objects), as a 16-bit PNG or a 16/32-bit TIFF (label_format chooses);
+    Fiji, QuPath, napari and CellProfiler read it as labels.
     """
     if fmt == "png":
         return encode_png(prediction.instances)

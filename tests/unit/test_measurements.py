@@ -7,6 +7,7 @@ import io
 
 import cv2
 import numpy as np
+import pytest
 import tifffile
 from skimage.measure import regionprops
 
@@ -85,3 +86,29 @@ def test_label_images_decode_to_the_instance_ids():
     tif = tifffile.imread(io.BytesIO(labels_image(prediction, "tiff")))
     for decoded in (png, tif):
         assert decoded.dtype == np.uint16 and np.array_equal(decoded, instances)
+
+
+def test_beyond_65535_objects_ids_widen_to_32_bits_and_the_labels_to_tiff():
+    from segflow.core.instances import compact_ids, split_by_class
+    from segflow.core.masks import relabel_sequential
+    from segflow.core.objects import label_instances
+    from segflow.errors import UserError
+    from segflow.serve.answers import label_format
+
+    mask = np.zeros((530, 530), np.uint8)
+    mask[::2, ::2] = 1  # 265 x 265 = 70,225 separate one-pixel objects
+    instances = label_instances(mask)
+    assert instances.dtype == np.uint32 and instances.max() == 70_225
+    assert np.array_equal(compact_ids(instances.astype(np.int64)), instances)
+    assert split_by_class(instances, mask).max() == 70_225
+    with pytest.raises(UserError, match="at most 65535"):
+        relabel_sequential(instances)  # stored masks stay 16-bit PNGs
+    prediction = _prediction(instances, mask)
+    assert label_format(prediction) == "tiff"
+    with pytest.raises(ValueError, match="format=tiff"):
+        label_format(prediction, "png")
+    decoded = tifffile.imread(io.BytesIO(labels_image(prediction, "tiff")))
+    assert decoded.dtype == np.uint32 and np.array_equal(decoded, instances)
+    # Up to 65,535 objects the ids stay 16-bit and the label image a PNG.
+    assert label_instances(mask[:100, :100]).dtype == np.uint16
+    assert label_format(_prediction(label_instances(mask[:100, :100]), mask[:100, :100])) == "png"

@@ -99,13 +99,15 @@ def test_changing_epochs_reruns_the_model_stages_and_going_back_restores_them_fr
     # Back to the first epochs: DVC's run-cache restores the first run's outputs, no training.
     (repo_copy / "params.yaml").write_text(original)
     started = time.perf_counter()
-    back = run(["dvc", "repro"], repo_copy).stdout
-    print(f"dvc repro back to the first params: {time.perf_counter() - started:.1f} s")
-    for stage in ("train", "evaluate", "export", "crossval"):
+    back = run(["dvc", "repro", "export"], repo_copy).stdout
+    print(f"dvc repro export, back to the first params: {time.perf_counter() - started:.1f} s")
+    for stage in ("train", "evaluate", "export"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in back, back
-    assert "Running stage 'promote'" in back  # it acts on the registry: never restored from a file
     for path, content in first.items():
         assert (repo_copy / path).read_bytes() == content, path
+    rest = run(["dvc", "repro"], repo_copy).stdout
+    assert "Stage 'crossval' is cached - skipping run" in rest, rest
+    assert "Running stage 'promote'" in rest  # it acts on the registry: never restored from a file
 
 
 def test_tuning_grids_rerun_evaluation_not_training(built_repo: Path):

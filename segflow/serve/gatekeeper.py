@@ -180,7 +180,7 @@ async def _check_form(scope: dict, body: bytes, field: str, options: tuple[str, 
             if field not in names:
                 return 400, f"no field '{field}' in the form; {hint}"
             if names - {field, *options}:
-                return 400, f"unexpected form field(s) {sorted(names - {field, *options})}; {hint}"
+                return 400, f"unexpected form field(s) {_few(names - {field, *options})}; {hint}"
             if field == "image" and len(form.getlist(field)) > 1:
                 return (
                     400,
@@ -196,6 +196,13 @@ async def _check_form(scope: dict, body: bytes, field: str, options: tuple[str, 
     except Exception as exc:
         return 400, f"the multipart body cannot be parsed ({exc}); {hint}"
     return None
+
+
+def _few(names: set[str], shown: int = 5, length: int = 40) -> str:
+    """Some of `names` for an error message, each cut short, then how many more: a client
+    sending thousands of fields must not get them all back."""
+    listed = ", ".join(repr(n[:length]) for n in sorted(names)[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _check_choice(name: str, values: list) -> tuple | None:

@@ -160,3 +160,12 @@ def test_each_api_takes_its_own_options_with_valid_values(make_client):
     # An option another API takes is refused by name, not silently ignored.
     misplaced = client.post("/measurements", files=image, data={"format": "png"})
     assert misplaced.status_code == 400 and "'format'" in misplaced.json()["error"]
+
+
+def test_an_error_lists_a_few_unexpected_fields_not_all_of_them(make_client):
+    client, _ = make_client(max_bytes=1_000_000)
+    fields = {f"field_{i:04d}_" + "x" * 200: "1" for i in range(999)}
+    response = client.post("/segment", files={"image": ("a.png", PNG)}, data=fields)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "'field_0000_" in error and "and 994 more" in error and len(error) < 600, error

@@ -131,6 +131,8 @@ def test_labels_and_measurements_describe_the_same_objects(server, sample_images
     assert [(int(r["id"]), float(r["area"])) for r in rows] == [(o["id"], o["area"]) for o in body["objects"]]
     bad = post(server, "/segment_labels", {"image": data}, data={"format": "jpeg"})
     assert bad.status_code == 422 and "format" in bad.json()["error"]
+    batch = post(server, "/segment_batch", [("images", ("a.png", data))], data={"measurements": "true"})
+    assert batch.json()["results"][0]["objects"] == body["objects"]
 
 
 def test_every_accepted_input_type(server):

@@ -67,10 +67,11 @@ class EvaluationReport:
         write_csv(plots / "per_image.csv", rows)
         write_csv(plots / "domains.csv", self._domain_rows())
         curves = self._ap_curves()
+        # Always written (dvc.yaml declares it): without instance truth it holds the thresholds only.
+        table = [{"iou_threshold": t} | {k: round(v[i], 6) for k, v in curves.items()}
+                 for i, t in enumerate(IOU_THRESHOLDS)]  # fmt: skip
+        write_csv(plots / "ap_by_iou.csv", table)
         if curves:
-            table = [{"iou_threshold": t} | {k: round(v[i], 6) for k, v in curves.items()}
-                     for i, t in enumerate(IOU_THRESHOLDS)]  # fmt: skip
-            write_csv(plots / "ap_by_iou.csv", table)
             line_chart(reports / "figures" / "ap_by_iou.png", list(IOU_THRESHOLDS), curves,
                        "IoU threshold", "mask AP", "AP against IoU threshold")  # fmt: skip
         if self.history:

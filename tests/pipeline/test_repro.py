@@ -224,10 +224,8 @@ def test_corrupt_image_fails_ingest_and_says_how_to_restore_the_last_good_output
     assert not report["suites"]["ingest"]["success"]
     # DVC removed ingest's outputs before the run; the message names the line that restores them.
     assert not (repo_copy / "artifacts/ingested").exists()
-    [hint] = [line for line in output.splitlines() if "DVC removed the previous outputs of ingest" in line]
-    restore = hint.split("back: ", 1)[1]
+    restore = _restore(output, "ingest", repo_copy)
     assert restore == "dvc checkout ingest && git checkout -- reports/validation.json", restore
-    run(["bash", "-c", restore], repo_copy)
     for path, content in before.items():
         assert (repo_copy / path).read_bytes() == content, f"{path} not restored after a failed ingest"
 
@@ -241,6 +239,7 @@ def test_wrong_size_mask_fails_ingest_naming_the_file(repo_copy: Path):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert f"masks/{victim.name}" in output and "is 32x48 but the image is 64x64" in output
+    _restore(output, "ingest", repo_copy)
     assert (repo_copy / "artifacts/ingested/manifest.csv").is_file()
 
 
@@ -253,7 +252,17 @@ def test_unknown_encoder_fails_before_training(repo_copy: Path):
     assert result.returncode != 0
     assert "train.encoder" in result.stderr and "unknown encoder 'resnet1'" in result.stderr
     assert "epoch" not in result.stdout
+    _restore(result.stderr, "train", repo_copy)  # DVC removed the model before train ran
     assert (repo_copy / "artifacts/model/model.pt").read_bytes() == model_before
+
+
+def _restore(output: str, stage: str, repo: Path) -> str:
+    """Run the line a failed stage printed to put its last good outputs back; return it."""
+    [hint] = [line for line in output.splitlines() if f"DVC removed the previous outputs of {stage}" in line]
+    restore = hint.split("back: ", 1)[1]
+    assert restore.startswith(f"dvc checkout {stage}"), restore
+    run(["bash", "-c", restore], repo)
+    return restore
 
 
 def _experiment_runs(repo: Path, name: str) -> list:

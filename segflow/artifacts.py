@@ -141,7 +141,8 @@ def restore_hint(stage: str, root: Path) -> str:
     if not dvc_yaml.is_file():
         return ""
     spec = (yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}).get(stage.split(":")[-1]) or {}
-    outputs = [_output(item) for kind in ("outs", "metrics", "plots") for item in spec.get(kind) or []]
+    entries = [_output(item) for kind in ("outs", "metrics", "plots") for item in spec.get(kind) or []]
+    outputs = [(path, cached) for path, cached, persist in entries if not persist]  # DVC keeps those
     commands = [f"dvc checkout {stage}"] if any(cached for _, cached in outputs) else []
     committed = [path for path, cached in outputs if not cached and _committed(root, path)]
     if committed:
@@ -154,17 +155,20 @@ def restore_hint(stage: str, root: Path) -> str:
     )
 
 
-def _output(item: str | dict) -> tuple[str, bool]:
-    """(path, cached) of one dvc.yaml output entry: `path` or `{path: {cache: false, ...}}`."""
+def _output(item: str | dict) -> tuple[str, bool, bool]:
+    """(path, cached, persisted) of one dvc.yaml output entry: `path` or `{path: {cache: false, ...}}`."""
     if isinstance(item, str):
-        return item, True
+        return item, True, False
     [(path, options)] = item.items()
-    return path, (options or {}).get("cache", True)
+    options = options or {}
+    return path, options.get("cache", True), options.get("persist", False)
 
 
 def _committed(root: Path, path: str) -> bool:
-    """Whether git's HEAD holds anything under `path`."""
-    result = subprocess.run(
-        ["git", "ls-tree", "-r", "--name-only", "HEAD", "--", path], cwd=root, capture_output=True, text=True
-    )
+    """Whether git's HEAD holds anything under `path` (False without git)."""
+    try:
+        command = ["git", "ls-tree", "-r", "--name-only", "HEAD", "--", path]
+        result = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    except OSError:
+        return False
     return result.returncode == 0 and bool(result.stdout.strip())

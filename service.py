@@ -42,7 +42,7 @@ with bentoml.importing():
     from starlette.routing import Route
 
     from segflow.core.inference import Segmenter
-    from segflow.core.measurements import measure_objects
+    from segflow.core.measurements import channel_count, measure_objects
     from segflow.serve.answers import (
         LABEL_FORMATS,
         answer,
@@ -290,8 +290,7 @@ class SegflowService:
         except UploadError as exc:
             return self._refuse(exc, ctx)
         rows = measure_objects(prediction.instances, prediction.mask, array, self.classes)
-        channels = 1 if array.ndim == 2 else array.shape[2]
-        return Response(measurements_csv(rows, channels), media_type="text/csv")
+        return Response(measurements_csv(rows, channel_count(array)), media_type="text/csv")
 
     @bentoml.api
     def segment_overlay(self, image: Path, ctx: bentoml.Context, diameter: float | None = None) -> PNG:

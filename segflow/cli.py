@@ -134,7 +134,7 @@ def _predict(args) -> int:
     import os
 
     from segflow.config import load_params
-    from segflow.core.measurements import measurement_columns
+    from segflow.core.measurements import channel_count, measurement_columns
     from segflow.paths import repo_root
     from segflow.serve.answers import csv_text
     from segflow.serve.settings import champion_model_tag
@@ -159,7 +159,7 @@ def _predict(args) -> int:
         prediction = segmenter.predict_one(image, args.diameter)
         classes = list(segmenter.prep.classes)
         rows = _write_outputs(args.out, path.stem, image, prediction, classes, model, args.formats)
-        channels.add(1 if image.ndim == 2 else image.shape[2])
+        channels.add(channel_count(image))
         table += [{"image": path.name} | row for row in rows]
         print(f"{path}: {len(rows)} objects")
     # One table for the whole run; grey and colour images side by side get every intensity column.
@@ -174,7 +174,7 @@ def _write_outputs(
 ) -> list[dict]:
     """Write one image's files to `out` (the service's answers, byte for byte, plus the
     outline `formats` asked for); return its objects' measurements."""
-    from segflow.core.measurements import measure_objects
+    from segflow.core.measurements import channel_count, measure_objects
     from segflow.serve.answers import (
         LABEL_SUFFIXES,
         answer,
@@ -188,12 +188,11 @@ def _write_outputs(
 
     result = answer(image, prediction, classes, model)
     rows = measure_objects(prediction.instances, prediction.mask, image, classes)
-    channels = 1 if image.ndim == 2 else image.shape[2]
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}_mask.png").write_bytes(mask_png(prediction))
     fmt = label_format(prediction)  # PNG, or a 32-bit TIFF beyond 65,535 objects
     (out / f"{stem}_labels{LABEL_SUFFIXES[fmt]}").write_bytes(labels_image(prediction, fmt))
-    (out / f"{stem}_objects.csv").write_text(measurements_csv(rows, channels))
+    (out / f"{stem}_objects.csv").write_text(measurements_csv(rows, channel_count(image)))
     (out / f"{stem}_overlay.png").write_bytes(overlay_png(image, prediction))
     if "roi" in formats:
         (out / f"{stem}_rois.zip").write_bytes(imagej_rois(prediction.instances, result["objects"]))

@@ -32,6 +32,11 @@ _INTENSITY = {
 _POSITION = ("centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_width", "bbox_height")
 
 
+def channel_count(image: np.ndarray) -> int:
+    """Channels of an (H, W) or (H, W, C) image."""
+    return 1 if image.ndim == 2 else int(image.shape[2])
+
+
 def measurement_columns(channels: int = 1) -> list[str]:
     """Column names of measure_objects' rows for an image with this many channels."""
     intensity = [
@@ -58,7 +63,7 @@ def measure_objects(
     """
     from skimage.measure import regionprops_table
 
-    channels = 1 if image.ndim == 2 else image.shape[2]
+    channels = channel_count(image)
     if not instances.any():
         return []
     table = regionprops_table(

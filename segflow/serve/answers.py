@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from segflow.core.inference import Prediction
-from segflow.core.measurements import measure_objects, measurement_columns
+from segflow.core.measurements import channel_count, measure_objects, measurement_columns
 from segflow.core.objects import class_name, coco_rle, describe_objects, draw_outlines
 
 ANSWER_VERSION = 1
@@ -53,7 +53,7 @@ def answer(
         "image": {
             "height": int(image.shape[0]),
             "width": int(image.shape[1]),
-            "channels": 1 if image.ndim == 2 else int(image.shape[2]),
+            "channels": channel_count(image),
             "dtype": image.dtype.name,
         },
         "object_count": len(objects),

@@ -288,7 +288,7 @@ class InferenceParams(_Section):
     seed_threshold: float = Field(
         0.5, gt=0, lt=1
     )  # watershed, distance: seed channel value above which pixels seed objects
-    min_area: int = Field(0, ge=0)  # objects smaller than this many pixels are dropped
+    min_area: int = Field(0, ge=0)  # objects smaller than this many pixels (at the model's scale) are dropped
     tile_size: int = Field(512, ge=0)  # larger images run as overlapping tiles of this size; 0 = whole images
     tile_overlap: int = Field(64, ge=0)
     # Models trained with train.diameter: the objects' diameter in the images to segment, in

@@ -52,8 +52,11 @@ def main() -> None:
     report.seconds_per_image = tuning.seconds_per_image
     report.history = read_json(MODEL / "history.json")
     for name, samples in sets.items():
-        logits = val_logits if name == "val" else segmenter.logits([s.image for s in samples])
-        predictions = [to_prediction(logit, prep) for logit in logits]
+        if name == "val":
+            logits, scales = val_logits, tuning.scales
+        else:
+            logits, scales = segmenter.scaled_logits([s.image for s in samples])
+        predictions = [to_prediction(logit, prep, scale) for logit, scale in zip(logits, scales, strict=True)]
         report.add(name, score_predictions(predictions, samples, classes, name))
     report.baseline = classical_baseline(sets["val"], sets["test"], classes)
     report.write(REPORTS)

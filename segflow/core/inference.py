@@ -178,11 +178,13 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free form
 
 
-def to_prediction(logit: np.ndarray, prep: Preprocessing) -> Prediction:
+def to_prediction(logit: np.ndarray, prep: Preprocessing, scale: float = 1.0) -> Prediction:
     """(channels, H, W) logits -> Prediction, post-processed as `prep` says.
 
     The channels are one foreground logit (two classes) or K class logits, followed by
     one seed logit (interior or distance) when prep.instances is "watershed" or "distance".
+    `scale` is the factor the image was resized by for the model (Segmenter.scaled_logits):
+    prep.min_area counts pixels at the model's scale (see area_at).
     """
     watershed = prep.instances in SEEDED
     semantic = logit[:-1] if watershed else logit
@@ -195,11 +197,22 @@ def to_prediction(logit: np.ndarray, prep: Preprocessing) -> Prediction:
     else:
         interior, instances = None, label_instances(mask)
     logits = semantic[0] if semantic.shape[0] == 1 else semantic
-    return without_small_objects(Prediction(logits, probability, mask, instances, interior), prep.min_area)
+    prediction = Prediction(logits, probability, mask, instances, interior)
+    return without_small_objects(prediction, prep.min_area, scale)
 
 
-def without_small_objects(prediction: Prediction, min_area: int) -> Prediction:
-    """The prediction with objects under `min_area` pixels removed from its instances and mask."""
+def area_at(min_area: int, scale: float) -> int:
+    """min_area, counted in pixels at the model's scale, in pixels of an image it saw resized
+    by `scale`. A size-normalised model sees every image with its objects train.diameter
+    across, so one min_area drops the same specks, relative to the objects, at any
+    magnification: cells imaged at 0.6x lose no more to it than cells at full size."""
+    return max(1, round(min_area / scale**2)) if min_area > 0 else 0
+
+
+def without_small_objects(prediction: Prediction, min_area: int, scale: float = 1.0) -> Prediction:
+    """The prediction with objects under `min_area` pixels (at the model's scale, see area_at)
+    removed from its instances and mask."""
+    min_area = area_at(min_area, scale)
     if min_area <= 0:
         return prediction
     instances = drop_small(prediction.instances, min_area)
@@ -278,7 +291,15 @@ class Segmenter:
     def logits(
         self, images: Sequence[np.ndarray], diameters: Sequence[float | None] | None = None
     ) -> list[np.ndarray]:
-        """Raw images -> (channels, H, W) float32 logits each, at each image's own size.
+        """Raw images -> (channels, H, W) float32 logits each, at each image's own size
+        (scaled_logits without the scales)."""
+        return self.scaled_logits(images, diameters)[0]
+
+    def scaled_logits(
+        self, images: Sequence[np.ndarray], diameters: Sequence[float | None] | None = None
+    ) -> tuple[list[np.ndarray], list[float]]:
+        """Raw images -> (channels, H, W) float32 logits each, at each image's own size, and
+        the factor each image was resized by for the model (1.0 at native scale).
 
         A model trained at one object size (prep.train_diameter) sees every image rescaled so
         its objects have that size: `diameters` gives each image's object diameter in pixels
@@ -292,7 +313,7 @@ class Segmenter:
         prep = self.prep
         inputs = [normalize(image, prep) for image in images]
         if not prep.train_diameter:
-            return self._model_logits(inputs)
+            return self._model_logits(inputs), [1.0] * len(inputs)
         given = list(diameters) if diameters is not None else [None] * len(inputs)
         if len(given) != len(inputs):
             raise UserError(f"{len(given)} diameters for {len(inputs)} images; give one per image")
@@ -305,11 +326,11 @@ class Segmenter:
         logits = self._scaled_logits(inputs, scales)
         unknown = [i for i, d in enumerate(given) if not d]
         if unknown:
-            self._rerun_at_estimated_sizes(inputs, logits, unknown, guess)
-        return logits
+            self._rerun_at_estimated_sizes(inputs, logits, scales, unknown)
+        return logits, [self._applied_scale(x.shape[1:], s) for x, s in zip(inputs, scales, strict=True)]
 
     def _rerun_at_estimated_sizes(
-        self, inputs: list[np.ndarray], logits: list[np.ndarray], which: list[int], guess: float
+        self, inputs: list[np.ndarray], logits: list[np.ndarray], scales: list[float], which: list[int]
     ) -> None:
         """Measure the objects of images `which` in their first-pass logits (run at the scale
         `guess`) and replace those logits by a run at the scale the measurement implies, where
@@ -317,14 +338,16 @@ class Segmenter:
         passes in all. A model sees objects far from its size poorly, so a first pass
         underestimates big objects (it splits them) and one correction can stop short; the
         measurement converges as the objects approach the trained size. Scales stay within 4x
-        of `guess`, so a poor pass cannot blow an image up or shrink it away."""
+        of `guess`, so a poor pass cannot blow an image up or shrink it away. `logits` and
+        `scales` (each image's, the first pass's `guess` for those in `which`) are updated."""
         prep = self.prep
-        scales = dict.fromkeys(which, guess)
+        guess = scale_for(prep.data_diameter, prep.train_diameter)
         pending = list(which)
         for _ in range(SIZE_PASSES - 1):
             wanted = {}
             for i in pending:
-                found = median_diameter(to_prediction(logits[i], prep).instances)
+                applied = self._applied_scale(inputs[i].shape[1:], scales[i])
+                found = median_diameter(to_prediction(logits[i], prep, applied).instances)
                 scale = scale_for(found, prep.train_diameter) if found else scales[i]
                 wanted[i] = float(np.clip(scale, guess / 4, guess * 4))
                 log.debug("image %d: objects about %s px across, scale %.3f", i, found, wanted[i])
@@ -344,6 +367,11 @@ class Segmenter:
         ]
         out = self._model_logits(scaled)
         return [resize_planes(y, x.shape[1:]) for x, y in zip(inputs, out, strict=True)]
+
+    def _applied_scale(self, shape: tuple[int, int], scale: float) -> float:
+        """The factor an image of `shape` is actually resized by for `scale` (area ratio, root)."""
+        h, w = self._scaled_shape(shape, scale)
+        return ((h * w) / (shape[0] * shape[1])) ** 0.5
 
     def _scaled_shape(self, shape: tuple[int, int], scale: float) -> tuple[int, int]:
         """scaled_shape, enlarging no further than max_pixels allows (shrinking is never limited)."""
@@ -374,7 +402,8 @@ class Segmenter:
         classes it then takes the most probable foreground class. `diameters` as in logits().
         """
         prep = self.prep if threshold is None else replace(self.prep, threshold=threshold)
-        return [to_prediction(logit, prep) for logit in self.logits(images, diameters)]
+        logits, scales = self.scaled_logits(images, diameters)
+        return [to_prediction(logit, prep, scale) for logit, scale in zip(logits, scales, strict=True)]
 
     def predict_one(self, image: np.ndarray, diameter: float | None = None) -> Prediction:
         return self.predict([image], diameters=[diameter])[0]

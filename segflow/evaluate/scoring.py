@@ -102,7 +102,11 @@ def _object_summary(predictions: list[Prediction], samples: list[Sample], classe
 
 
 def tune_postprocessing(
-    logits: list[np.ndarray], samples: list[Sample], prep: Preprocessing, cfg: InferenceParams
+    logits: list[np.ndarray],
+    samples: list[Sample],
+    prep: Preprocessing,
+    cfg: InferenceParams,
+    scales: list[float] | None = None,
 ) -> tuple[Preprocessing, list[dict]]:
     """Pick the post-processing that scores best on `samples` from the grids in `cfg`.
 
@@ -114,19 +118,23 @@ def tune_postprocessing(
         prep: the model's preprocessing; its other fields are kept.
         cfg: params.inference: threshold_grid, seed_threshold_grid (watershed models only),
             min_area_grid and tune_metric ("ap", "ap50": need instance ids, else Dice is used).
+        scales: the factor each sample was resized by for the model (Segmenter.scaled_logits;
+            default 1.0), which min_area is measured against.
 
     Returns:
         (prep with the best values, one row per grid point with its scores). Ties go to the
         lower object-count error, then to the first grid point, so the choice is repeatable.
     """
     seeds = cfg.seed_threshold_grid if prep.instances in SEEDED else [prep.seed_threshold]
+    scales = scales or [1.0] * len(logits)
     classes, table = list(prep.classes), []
     for threshold in cfg.threshold_grid:
         for seed in seeds:
             candidate = replace(prep, threshold=threshold, seed_threshold=seed, min_area=0)
             unfiltered = [to_prediction(logit, candidate) for logit in logits]
             for min_area in cfg.min_area_grid:  # dropping small objects needs no new watershed
-                predictions = [without_small_objects(p, min_area) for p in unfiltered]
+                pairs = zip(unfiltered, scales, strict=True)
+                predictions = [without_small_objects(p, min_area, scale) for p, scale in pairs]
                 scores = score_predictions(predictions, samples, classes, "val").summary
                 row = {"threshold": threshold, "seed_threshold": seed, "min_area": min_area}
                 table.append(
@@ -145,6 +153,7 @@ class Tuning:
     prep: Preprocessing  # the model's preprocessing with the chosen post-processing and TTA
     grid: list[dict]  # every grid point tried, with its tta and val scores
     logits: list[np.ndarray]  # the val logits under the chosen TTA
+    scales: list[float]  # the factor each val image was resized by for the model
     seconds_per_image: dict[str, float]  # model time per val image (sizes and tiles included), by TTA
 
 
@@ -158,12 +167,12 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
     """
     base = segmenter.prep.with_postprocess(cfg.model_dump())  # params.inference as it is now
     if not cfg.tune:
-        logits, seconds = _timed_logits(segmenter, base, val)
-        return Tuning(base, [], logits, {base.tta: seconds})
+        (logits, scales), seconds = _timed_logits(segmenter, base, val)
+        return Tuning(base, [], logits, scales, {base.tta: seconds})
     best, best_score, grid, timings = None, None, [], {}
     for mode in cfg.tta_grid:
-        logits, timings[mode] = _timed_logits(segmenter, replace(base, tta=mode), val)
-        prep, table = tune_postprocessing(logits, val, segmenter.prep, cfg)
+        (logits, scales), timings[mode] = _timed_logits(segmenter, replace(base, tta=mode), val)
+        prep, table = tune_postprocessing(logits, val, segmenter.prep, cfg, scales)
         grid += [{"tta": mode} | row for row in table]
         metric = cfg.tune_metric if cfg.tune_metric in table[0] else "dice"
         top = max(table, key=lambda row: (row[metric], -row.get("count_error", 0.0)))
@@ -172,16 +181,18 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
             "tta %s: best val %s %.4f, %.0f ms per image", mode, metric, top[metric], 1000 * timings[mode]
         )
         if best_score is None or score > best_score:
-            best_score, best = score, (prep, logits)
+            best_score, best = score, (prep, logits, scales)
     segmenter.prep = best[0]
-    return Tuning(best[0], grid, best[1], timings)
+    return Tuning(best[0], grid, best[1], best[2], timings)
 
 
-def _timed_logits(segmenter: Segmenter, prep: Preprocessing, samples: list[Sample]) -> tuple[list, float]:
-    """The samples' logits under `prep` (left on the segmenter), and the seconds per image."""
+def _timed_logits(
+    segmenter: Segmenter, prep: Preprocessing, samples: list[Sample]
+) -> tuple[tuple[list[np.ndarray], list[float]], float]:
+    """The samples' logits and scales under `prep` (left on the segmenter), and the seconds per image."""
     segmenter.prep = prep
     started = time.perf_counter()
-    logits = segmenter.logits([s.image for s in samples])
+    logits = segmenter.scaled_logits([s.image for s in samples])
     return logits, (time.perf_counter() - started) / max(1, len(samples))
 
 

@@ -152,3 +152,24 @@ def test_enlarging_stops_at_max_pixels():
     model.shapes.clear()
     segmenter.predict([image], diameters=[40.0])  # shrinking is never limited
     assert model.shapes == [(32, 32)]
+
+
+@pytest.mark.parametrize("image", [disks(128, 20, 64), disks(64, 10, 32)], ids=["40px", "20px"])
+def test_min_area_counts_pixels_at_the_models_scale(image):
+    # Disks 40 or 20 px across, given with their diameter to a model trained at 20 px: it sees
+    # both at about 310 px of area. So min_area 200 keeps both and 400 drops both, though in
+    # the images as given the large disks cover about 1,250 px and the small ones 310.
+    image = (image > 0).astype(np.uint8) * 255
+    diameter = float(2 * round(np.sqrt(np.count_nonzero(image) / 4 / np.pi)))
+    [kept] = _segmenter(DiskModel(), min_area=200).predict([image], diameters=[diameter])
+    [dropped] = _segmenter(DiskModel(), min_area=400).predict([image], diameters=[diameter])
+    assert kept.instances.max() == 4 and dropped.instances.max() == 0
+    assert kept.mask.any() and not dropped.mask.any()
+
+
+def test_scaled_logits_report_the_factor_each_image_was_resized_by():
+    images = [(disks(128, 20, 64) > 0).astype(np.uint8) * 255, np.zeros((64, 64), np.uint8)]
+    logits, scales = _segmenter(DiskModel()).scaled_logits(images, diameters=[40.0, 10.0])
+    assert [logit.shape[1:] for logit in logits] == [(128, 128), (64, 64)]
+    assert scales == pytest.approx([0.5, 2.0])
+    assert _segmenter(DiskModel(), train_diameter=0.0).scaled_logits(images)[1] == [1.0, 1.0]

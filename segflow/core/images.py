@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +56,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
             array = tifffile.imread(path)
         else:
-            with Image.open(path) as img:
-                img.load()  # decode fully now, so truncated files fail here
-                array = pil_to_array(img)
+            array = decode_image(path.read_bytes())
     except ImageReadError:
         raise
     except (OSError, ValueError, SyntaxError) as exc:
@@ -120,7 +121,9 @@ def read_rgb(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        data = path.read_bytes()
+        check_png(data)
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             if img.mode.startswith(("I", "F")):
                 raise ImageReadError(
@@ -132,6 +135,66 @@ def read_rgb(path: str | Path) -> np.ndarray:
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(path, str(exc) or type(exc).__name__) from exc
     return array
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG, JPEG or another Pillow format -> array (pil_to_array), decoded strictly: damage
+    anywhere in the file raises ValueError (check_png, decode_jpeg) or OSError (Pillow), never
+    an image decoded from corrupt data. The caller checks the header's size first if it must."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "JPEG":
+            return decode_jpeg(data)
+        if img.format == "PNG":
+            check_png(data)
+        img.load()  # decode fully now, so truncated files fail here
+        return pil_to_array(img)
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes -> (H, W) or (H, W, 3) uint8, refusing damaged files.
+
+    libjpeg reports damaged entropy-coded data ("Corrupt JPEG data: premature end of data
+    segment") as a warning and fills in what it could not read; Pillow and OpenCV ignore the
+    warning and hand back a damaged image. simplejpeg's strict mode (the same libjpeg-turbo)
+    raises it instead. Its pixels are Pillow's: same decoder, same settings.
+
+    Raises:
+        ValueError: the file is truncated or corrupt (libjpeg's reason).
+    """
+    import simplejpeg
+
+    colorspace = simplejpeg.decode_jpeg_header(data, strict=True)[2]
+    if colorspace == "Gray":
+        return np.ascontiguousarray(simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)[..., 0])
+    if colorspace in ("CMYK", "YCCK"):  # rare print-world files: checked here, converted by Pillow
+        simplejpeg.decode_jpeg(data, colorspace="CMYK", strict=True)
+        with Image.open(io.BytesIO(data)) as img:
+            return pil_to_array(img)
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+
+
+def check_png(data: bytes) -> None:
+    """Verify every chunk's CRC, up to IEND. Pillow skips the image data's CRCs and stops
+    reading once the pixels are filled, so a damaged byte in the compressed data can decode,
+    wrongly and silently; the CRCs catch it, at a cost far below decoding.
+
+    Raises:
+        ValueError: a chunk fails its CRC, or the file ends before IEND (truncated).
+    """
+    offset = 8  # after the signature
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        end = offset + 8 + length
+        if end + 4 > len(data):
+            break
+        (crc,) = struct.unpack(">I", data[end : end + 4])
+        if zlib.crc32(data[offset + 4 : end]) != crc:
+            name = kind.decode("latin-1")
+            raise ValueError(f"PNG chunk {name!r} at byte {offset} fails its CRC check: the file is damaged")
+        if kind == b"IEND":
+            return
+        offset = end + 4
+    raise ValueError(f"the PNG ends at byte {len(data)} before its IEND chunk: the file is truncated")
 
 
 def pil_to_array(img: Image.Image) -> np.ndarray:

@@ -128,15 +128,14 @@ def _check_pixels(height: int, width: int, limits: UploadLimits) -> None:
 def _decode_pil(data: bytes, limits: UploadLimits) -> np.ndarray:
     from PIL import Image
 
-    from segflow.core.images import pil_to_array
+    from segflow.core.images import decode_image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 _check_pixels(img.height, img.width, limits)  # from the header, nothing decoded yet
-                img.load()
-                return pil_to_array(img)
+            return decode_image(data)  # strictly: a damaged file is refused, not segmented
     except UploadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -41,6 +41,17 @@ def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
     return buffer.getvalue()
 
 
+def scrambled_jpeg(png: bytes) -> bytes:
+    """The image as a JPEG with 200 random bytes in the middle of its compressed data: Pillow
+    alone decodes it (libjpeg only warns) and the service once segmented the damaged image."""
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as img:
+        img.convert("L").save(buffer, format="JPEG", quality=95)
+    damaged, middle = bytearray(buffer.getvalue()), len(buffer.getvalue()) // 2
+    damaged[middle : middle + 200] = np.random.default_rng(0).integers(0, 256, 200, np.uint8).tobytes()
+    return bytes(damaged)
+
+
 def huge_png_header(width: int, height: int) -> bytes:
     """A valid PNG signature + IHDR declaring width x height, with a tiny IDAT."""
 
@@ -162,6 +173,7 @@ def test_every_accepted_input_type(server):
 
 BAD_INPUTS = {
     "truncated png": (lambda png: png[: len(png) // 2], 400, "truncated"),
+    "scrambled jpeg": (scrambled_jpeg, 400, "corrupt jpeg data"),
     "text file": (lambda _: b"just some text\n" * 10, 415, "not a PNG"),
     "30000x30000 png header": (lambda _: huge_png_header(30000, 30000), 413, "pixels"),
     "pickled npy": (

@@ -94,6 +94,7 @@ DISTRIBUTIONS = {
     "PIL": "pillow",
     "pydantic": "pydantic",
     "scipy": "scipy",
+    "simplejpeg": "simplejpeg",
     "skimage": "scikit-image",
     "starlette": "bentoml",  # BentoML's own server stack
     "tifffile": "tifffile",

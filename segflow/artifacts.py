@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,7 +20,10 @@ from pathlib import Path
 import pandas as pd
 
 from segflow.errors import UserError
+from segflow.release import tracking
 from segflow.runtime import configure_logging, offline_env
+
+log = logging.getLogger(__name__)
 
 INGESTED = Path("artifacts/ingested")
 CONVERTED = Path("artifacts/converted")
@@ -105,6 +109,7 @@ def run_stage(main: Callable[[], None]) -> None:
     offline_env()
     configure_logging()
     try:
+        tracking.check_store()  # every stage logs to MLflow: an unusable store fails now, not after the work
         main()
     except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -114,9 +119,33 @@ def run_stage(main: Callable[[], None]) -> None:
         traceback.print_exc(limit=1)
         _print_restore_hint()
         sys.exit(130)
-    except Exception:
+    except Exception as exc:
+        if not _store_failure(exc):
+            _print_restore_hint()
+            raise
+        # The store failed mid-run (after check_store passed): one line, traceback at DEBUG.
+        log.debug("tracking store failure", exc_info=True)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        print(
+            f"error: the MLflow store {tracking.tracking_uri()} failed: {first} "
+            "(SEGFLOW_LOG_LEVEL=DEBUG shows the traceback)",
+            file=sys.stderr,
+        )
         _print_restore_hint()
-        raise
+        sys.exit(1)
+
+
+def _store_failure(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from, is the store's database or
+    connection failing (MLflow wraps those); MLflow's other errors keep their traceback."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if type(exc).__module__.split(".")[0] in ("sqlalchemy", "sqlite3", "requests", "urllib3"):
+            return True
+        if "API request to" in str(exc) and "failed" in str(exc):  # MLflow's client out of retries
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _print_restore_hint() -> None:

@@ -45,12 +45,17 @@ TINY_PARAMS = {
 def run(
     cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run a command in the copy with the venv's tools first on PATH; output captured."""
-    full_env = {**os.environ, **(env or {})}
+    """Run a command in the copy with the venv's tools first on PATH; output captured.
+
+    The copy logs to its own mlflow.db and BentoML store unless `env` names others
+    (MLFLOW_TRACKING_URI, BENTOML_HOME), as checkouts sharing a team's stores do."""
+    env = env or {}
+    full_env = {**os.environ, **env}
     full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
-    for name in MLFLOW_ENV:  # the copy's own sqlite store, for runs and the registry alike
+    for name in set(MLFLOW_ENV) - set(env):  # the copy's own sqlite store, unless `env` names one
         full_env.pop(name, None)
-    full_env["BENTOML_HOME"] = str(cwd / ".bentoml")  # and its own BentoML store
+    if "BENTOML_HOME" not in env:  # and its own BentoML store, likewise
+        full_env["BENTOML_HOME"] = str(cwd / ".bentoml")
     full_env["BENTOML_DO_NOT_TRACK"] = "True"
     # `dvc exp run` commits; CI machines may have no git identity configured.
     for role in ("AUTHOR", "COMMITTER"):

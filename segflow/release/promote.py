@@ -6,8 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from segflow.artifacts import (
@@ -23,9 +28,11 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import GATE_METRICS, Params
-from segflow.release import bento, tracking
+from segflow.release import bento, stores, tracking
 from segflow.release.gate import CHAMPION, decide, move_champion, roll_back_champion, version_with_alias
 from segflow.serve.settings import RELEASE_RECORD
+
+log = logging.getLogger(__name__)
 
 PROMOTION_REPORT = REPORTS / "promotion.json"
 # Registry versions and Bento tags are run-specific, so they go to RELEASE_RECORD
@@ -37,6 +44,12 @@ _RUN_SPECIFIC = ("already_champion", "previous_champion", "bento", "serving")
 def promote(params: Params) -> dict:
     """Run the gate for the exported candidate and act on its decision.
 
+    The decision is made against the champion as read at the start; acting on it (tags, the
+    alias, the Bento, the reports) happens under the store's promotion lock, after checking
+    that `champion` is still where it was read. A promotion that lost that race changes
+    nothing and fails, so concurrent promotions move the alias once each decision and the
+    report, the alias and the Bento never disagree.
+
     Returns:
         The full report: what reports/promotion.json holds (decision, checks, the candidate's
         and champion's metrics and ONNX hashes) plus the registry versions and the Bento,
@@ -46,6 +59,7 @@ def promote(params: Params) -> dict:
     import mlflow
 
     tracking.configure()
+    stores.check_bentoml_store()  # before anything moves: the alias must not get ahead of the Bento
     client = mlflow.tracking.MlflowClient()
     name = params.export.registered_model_name
     version = _candidate_version(client, name)
@@ -81,6 +95,19 @@ def promote(params: Params) -> dict:
         "already_champion": holder is not None and str(holder.version) == version,
         "test_hash": test_hash,
     }
+    with promotion_lock(name):
+        _check_champion_unmoved(client, name, holder)
+        _act(client, report, decision)
+        write_json(PROMOTION_REPORT, reproducible(report))
+        write_json(RELEASE_RECORD, report)
+    _log_run(params, report)
+    return report
+
+
+def _act(client, report: dict, decision) -> None:
+    """Record the decision on the candidate's version; if it passed, move the alias and build
+    the Bento. Fills report's previous_champion, bento and serving."""
+    name, version = report["candidate"]["name"], report["candidate"]["version"]
     status = "passed" if decision.promote else "failed"
     client.set_model_version_tag(name, version, "validation_status", status)
     client.set_model_version_tag(
@@ -95,10 +122,46 @@ def promote(params: Params) -> dict:
         report["bento"] = package(client, name, version, EXPORT, reuse_model=True)
     # What the champion's Bento is now: this one, or (refused) the one served before.
     report["serving"] = report.get("bento") or _served_before()
-    write_json(PROMOTION_REPORT, reproducible(report))
-    write_json(RELEASE_RECORD, report)
-    _log_run(params, report)
-    return report
+
+
+@contextlib.contextmanager
+def promotion_lock(name: str) -> Iterator[None]:
+    """One promotion at a time per tracking store on this machine: an exclusive lock on a file
+    beside the SQLite store (shared by every checkout that logs to it), or, for a server, in
+    the temporary folder. Promotions on other machines against a server are kept apart by
+    _check_champion_unmoved alone: MLflow's registry has no compare-and-set of its own."""
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///")).with_suffix(".promote.lock")
+    else:
+        path = (
+            Path(tempfile.gettempdir())
+            / f"segflow-promote-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+        )
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another promotion of %s is acting (lock %s); waiting for it", name, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_champion_unmoved(client, name: str, read) -> None:
+    """Raise StageError if `champion` has left the version (or absence) the decision was made
+    against: another promotion or a rollback acted meanwhile."""
+    now = version_with_alias(client, name, CHAMPION)
+    before = None if read is None else str(read.version)
+    after = None if now is None else str(now.version)
+    if before != after:
+        raise StageError(
+            f"{name}'s champion moved from {before or 'none'} to version {after or 'none'} while this "
+            "promotion was deciding against it (another promotion or a rollback acted first); nothing "
+            "was changed: run promote again to decide against the new champion"
+        )
 
 
 def _served_before() -> dict | None:
@@ -146,20 +209,21 @@ def rollback(params: Params) -> dict:
     import mlflow
 
     tracking.configure()
+    stores.check_bentoml_store()
     client = mlflow.tracking.MlflowClient()
     name = params.export.registered_model_name
-    demoted, restored = roll_back_champion(client, name)  # UserError when there is nothing to restore
-    with tempfile.TemporaryDirectory() as tmp:
+    with promotion_lock(name), tempfile.TemporaryDirectory() as tmp:
+        demoted, restored = roll_back_champion(client, name)  # UserError when there is nothing to restore
         folder = download_model(name, restored, Path(tmp))
         packaged = package(client, name, restored, folder)
-    record = {
-        "rollback": True,
-        "demoted": demoted,
-        "champion": restored,
-        "bento": packaged,
-        "serving": packaged,
-    }
-    write_json(RELEASE_RECORD, record)  # what is served now, as after a promotion
+        record = {
+            "rollback": True,
+            "demoted": demoted,
+            "champion": restored,
+            "bento": packaged,
+            "serving": packaged,
+        }
+        write_json(RELEASE_RECORD, record)  # what is served now, as after a promotion
     return record
 
 

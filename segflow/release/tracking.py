@@ -51,11 +51,27 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 
 
+_checked: set[str] = set()
+
+
+def check_store() -> str:
+    """Fail with one line (stores.StoreError) unless the tracking store, and the registry's
+    when it is another, can take runs; once per store and process. Returns the tracking URI."""
+    from segflow.release.stores import check_tracking_store
+
+    uri = tracking_uri()
+    for store in dict.fromkeys((uri, os.environ.get("MLFLOW_REGISTRY_URI") or uri)):
+        if store not in _checked:
+            check_tracking_store(store)
+            _checked.add(store)
+    return uri
+
+
 def configure() -> str:
     """Point mlflow at the project's store (call once per process, before logging)."""
     import mlflow
 
-    uri = tracking_uri()
+    uri = check_store()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
     return uri

@@ -6,15 +6,20 @@ tests/service/test_shipped_bento.py.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from segflow.release.bento import FORBIDDEN_REQUIREMENTS
-from tests.conftest import run
+from tests.conftest import BIN, run
 
 pytestmark = pytest.mark.slow
 
@@ -141,3 +146,66 @@ def test_service_limit_change_rebuilds_the_bento_on_the_same_model(repo_copy: Pa
         repo_copy / ".bentoml" / "bentos" / name / version / "src" / "params.yaml"
     )  # BENTOML_HOME's layout
     assert yaml.safe_load(shipped.read_text())["serve"]["max_pixels"] == 1_000_000
+
+
+def test_concurrent_promotions_move_champion_once_and_agree_with_their_records(
+    repo_copy: Path, tmp_path: Path
+):
+    """Two checkouts with different candidates promote at once into one MLflow store and one
+    BentoML store. Both decide against version 1; the first to act moves `champion` and
+    builds a Bento; the other finds the champion moved, changes nothing and says so."""
+    shared = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo_copy / 'mlflow.db'}",
+        "BENTOML_HOME": str(repo_copy / ".bentoml"),
+    }
+    checkouts = []
+    for name, lr in (("b", 0.01), ("c", 0.002)):
+        checkout = tmp_path / name
+        shutil.copytree(repo_copy, checkout, symlinks=True)
+        _set_params(
+            checkout, train={"epochs": 3, "lr": lr}, promote={"max_regression": {"dice": 1.0, "iou": 1.0}}
+        )
+        run(["dvc", "repro", "export"], checkout, env=shared)  # registers version 2, then 3
+        checkouts.append(checkout)
+    bentos_before = len(json.loads(run(["bentoml", "list", "-o", "json"], repo_copy, env=shared).stdout))
+    records_before = [(c / "reports/promotion.json").read_bytes() for c in checkouts]
+
+    # Hold the store's promotion lock until both have decided, so they truly race.
+    with (repo_copy / "mlflow.promote.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        env = {**os.environ, **shared, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        procs = [
+            subprocess.Popen([BIN / "segflow", "promote"], cwd=c, env=env, text=True,
+                             stdout=(c / "promote.out").open("w"), stderr=subprocess.STDOUT)
+            for c in checkouts
+        ]  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not all("waiting for it" in (c / "promote.out").read_text() for c in checkouts):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+                (c / "promote.out").read_text() for c in checkouts
+            ]
+            time.sleep(0.5)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    codes = [p.wait(timeout=600) for p in procs]
+    outputs = [(c / "promote.out").read_text() for c in checkouts]
+
+    assert sorted(codes) == [0, 1], outputs
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert "champion moved from 1 to version" in outputs[loser] and "run promote again" in outputs[loser]
+    assert "Traceback" not in outputs[loser]
+    report = _report(checkouts[winner])
+    champion = _champion(repo_copy)
+    assert report["decision"]["promote"] and report["candidate"]["version"] == champion != "1"
+    assert report["previous_champion"] == "1"
+    assert _decision(checkouts[winner])["candidate"]["onnx_sha256"] == report["candidate"]["onnx_sha256"]
+    bentos = json.loads(run(["bentoml", "list", "-o", "json"], repo_copy, env=shared).stdout)
+    assert len(bentos) == bentos_before + 1  # one Bento: the one decision that acted
+    built = json.loads(
+        run(["bentoml", "get", report["bento"]["bento_tag"], "-o", "json"], repo_copy, env=shared).stdout
+    )
+    assert built["labels"]["registry_version"] == champion
+    # The loser changed nothing: its record, and its candidate's version in the registry.
+    assert (checkouts[loser] / "reports/promotion.json").read_bytes() == records_before[loser]
+    versions = _client(repo_copy).search_model_versions("name='segflow-segmenter'")
+    unjudged = [v for v in versions if str(v.version) not in ("1", champion)]
+    assert len(unjudged) == 1 and "validation_status" not in unjudged[0].tags

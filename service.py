@@ -57,6 +57,7 @@ with bentoml.importing():
     from segflow.serve.gatekeeper import Gatekeeper, error_response
     from segflow.serve.monitoring import RequestLog, intensity_mean, load_reference
     from segflow.serve.settings import champion_model_tag, load_serve_params
+    from segflow.serve.slowclients import bound_header_time
     from segflow.serve.uploads import UploadError, UploadLimits, decode_upload
 
 HERE = Path(__file__).resolve().parent
@@ -133,6 +134,7 @@ class SegflowService:
         cv2.setNumThreads(1)  # post-processing stays on the request's thread: the cores are ONNX Runtime's
         params_file = os.environ.get("SEGFLOW_PARAMS") or HERE / "params.yaml"
         self.config = load_serve_params(params_file)
+        bound_header_time(self.config.header_timeout_s)  # uvicorn has no deadline for headers
         self.limits = UploadLimits.from_params(self.config)
         folder = Path(self.model.path)
         self.segmenter = Segmenter.from_onnx(

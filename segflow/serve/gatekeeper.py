@@ -7,6 +7,7 @@ the wrong type, or without the right token is refused cheaply, and where every A
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -115,14 +116,21 @@ class Gatekeeper:
                     ((b"www-authenticate", b'Bearer realm="segflow"'),),
                 )
             elif path in API_PATHS and method == "POST":
-                body, problem = await _read_upload(headers, receive, service.limits.max_bytes)
-                problem = problem or await _check_form(
-                    scope, body, UPLOAD_FIELDS[path], OPTION_FIELDS.get(path, ("diameter",))
+                body, problem = await _read_upload(
+                    headers, receive, service.limits.max_bytes, service.config.body_timeout_s
                 )
                 if problem:
+                    # The rest of the body is still coming (or never will): end the connection
+                    # with the answer, or its bytes would be read as the next request.
+                    await refuse(*problem, ((b"connection", b"close"),))
+                elif problem := await _check_form(
+                    scope, body, UPLOAD_FIELDS[path], OPTION_FIELDS.get(path, ("diameter",))
+                ):
                     await refuse(*problem)
                 else:
                     await self.app(scope, _replay(body), send_with_id)
+            elif path == "/docs.json" and method == "GET":
+                await _completed_spec(self.app, scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
@@ -143,8 +151,33 @@ class Gatekeeper:
                 )
 
 
-async def _read_upload(headers: dict, receive, max_bytes: int) -> tuple[bytes, tuple | None]:
-    """The whole request body, or (b"", (status, reason)) when it must be refused."""
+async def _completed_spec(app, scope, receive, send) -> None:
+    """BentoML's OpenAPI description with segflow's statuses added (segflow.serve.openapi)."""
+    from segflow.serve.openapi import complete_spec
+
+    start, chunks = {}, []
+
+    async def keep(message):
+        if message["type"] == "http.response.start":
+            start.update(message)
+        else:
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, keep)
+    body = b"".join(chunks)
+    if start.get("status") == 200:
+        body = json.dumps(complete_spec(json.loads(body), API_PATHS)).encode()
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+    await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_upload(
+    headers: dict, receive, max_bytes: int, timeout_s: float
+) -> tuple[bytes, tuple | None]:
+    """The whole request body, or (b"", (status, reason)) when it must be refused: a body
+    that has not all arrived `timeout_s` after the headers gets 408 (a trickling client
+    would otherwise hold a worker thread's upload slot indefinitely)."""
     content_type = headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         return b"", (415, f"content type {content_type or '(none)'} is not accepted; {UPLOAD_HINT}")
@@ -152,8 +185,16 @@ async def _read_upload(headers: dict, receive, max_bytes: int) -> tuple[bytes, t
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         return b"", (413, f"the request has {declared} bytes; this service accepts at most {max_bytes}")
     chunks, size = [], 0
+    deadline = time.monotonic() + timeout_s
     while True:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return b"", (
+                408,
+                f"the request body did not arrive within {timeout_s:g} s (serve.body_timeout_s); "
+                f"{size} bytes came",
+            )
         if message["type"] == "http.disconnect":
             return b"", (400, "the client disconnected before sending the whole request")
         chunk = message.get("body", b"")

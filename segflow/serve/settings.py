@@ -42,6 +42,9 @@ class ServeParams(BaseModel):
     request_log: str = "logs/requests.db"
     stats_window: int = Field(1000, ge=1)
     drift_min_images: int = Field(30, ge=2)
+    # Slow clients: a request's headers, and an API request's body, must arrive within these.
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    body_timeout_s: float = Field(30.0, gt=0, le=600)
 
 
 def read_params_file(path: Path, error: type[Exception], missing_hint: str) -> dict:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import BIN
 
 TOKEN = "test-token-1234"
+SLOW_CLIENT_DEADLINES = {"header_timeout_s": 2.0, "body_timeout_s": 2.0}
 
 
 def _free_port() -> int:
@@ -34,9 +36,15 @@ class Server:
         return self.process.poll() is None
 
 
-def start_server(repo: Path, tmp: Path, token: str | None = None) -> Server:
+def start_server(repo: Path, tmp: Path, token: str | None = None, serve: dict | None = None) -> Server:
+    """`bentoml serve` in `repo`; `serve` overrides params.yaml's serve section (SEGFLOW_PARAMS)."""
     port = _free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if serve:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["serve"] |= serve
+        (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+        env["SEGFLOW_PARAMS"] = str(tmp / "params.yaml")
     env |= {"BENTOML_HOME": str(repo / ".bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
     env["SEGFLOW_REQUEST_LOG"] = str(tmp / "requests.db")
     env.pop("SEGFLOW_API_TOKEN", None)
@@ -80,8 +88,10 @@ def server(built_repo: Path, tmp_path_factory) -> Server:
 
 @pytest.fixture(scope="session")
 def locked_server(built_repo: Path, tmp_path_factory) -> Server:
-    """The service with SEGFLOW_API_TOKEN set."""
-    srv = start_server(built_repo, tmp_path_factory.mktemp("serve-locked"), token=TOKEN)
+    """The service with SEGFLOW_API_TOKEN set, and short deadlines for slow clients."""
+    srv = start_server(
+        built_repo, tmp_path_factory.mktemp("serve-locked"), token=TOKEN, serve=SLOW_CLIENT_DEADLINES
+    )
     yield srv
     _stop(srv)
 

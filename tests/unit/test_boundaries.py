@@ -98,6 +98,7 @@ DISTRIBUTIONS = {
     "skimage": "scikit-image",
     "starlette": "bentoml",  # BentoML's own server stack
     "tifffile": "tifffile",
+    "uvicorn": "bentoml",  # BentoML's HTTP server
     "yaml": "pyyaml",
 }
 

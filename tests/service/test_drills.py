@@ -1,0 +1,47 @@
+"""The reliability drills in bench/ (fuzz and soak), bounded, against a real `bentoml serve`.
+
+The full runs, whose figures the README reports, are the same scripts with their defaults.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _bench(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "bench" / script), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def test_bounded_fuzz_finds_no_server_error_and_no_undocumented_status(server, built_repo: Path):
+    result = _bench(
+        "fuzz.py", "--url", server.url, "--max-examples", "5", "--mutations", "120",
+        "--images", str(built_repo / "data" / "images"), cwd=built_repo,
+    )  # fmt: skip
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    found = re.search(
+        r"fuzz: schema cases (\d+) \(failures 0\), mutated files 120: 5xx 0, .* server up", summary
+    )
+    assert found and int(found.group(1)) >= 50, summary
+    assert server.alive()
+
+
+def test_short_soak_has_no_errors_and_flat_memory(server, built_repo: Path):
+    result = _bench(
+        "soak.py", "--url", server.url, "--pid", str(server.process.pid), "--concurrency", "4",
+        "--minutes", "0.25", "--warmup", "3", "--images", str(built_repo / "data" / "images"), cwd=built_repo,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    found = re.search(r"soak: (\d+) requests .* errors 0, .* server RSS (\d+) -> (\d+) MB", summary)
+    assert found and int(found.group(1)) > 20 and int(found.group(2)) > 50, summary

@@ -41,7 +41,7 @@ with bentoml.importing():
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    from segflow.core.inference import Segmenter
+    from segflow.core.inference import Preprocessing, Segmenter
     from segflow.core.measurements import channel_count, measure_objects
     from segflow.serve.answers import (
         LABEL_FORMATS,
@@ -56,6 +56,8 @@ with bentoml.importing():
     from segflow.serve.batching import MicroBatcher
     from segflow.serve.gatekeeper import Gatekeeper, error_response
     from segflow.serve.monitoring import RequestLog, intensity_mean, load_reference
+    from segflow.serve.precision import choose as choose_precision
+    from segflow.serve.precision import warmup_images
     from segflow.serve.settings import champion_model_tag, load_serve_params
     from segflow.serve.slowclients import bound_header_time
     from segflow.serve.uploads import UploadError, UploadLimits, decode_upload
@@ -81,6 +83,11 @@ model_batch_size = bentoml.metrics.Histogram(
     name="segflow_model_batch_size",
     documentation="Images per model call (adaptive batching)",
     buckets=(1, 2, 4, 8, 16, 32),
+)
+precision_info = bentoml.metrics.Gauge(
+    name="segflow_precision_info",
+    documentation="The model variant this process runs (1 for the one in use): fp32 or int8",
+    labelnames=["precision"],
 )
 rejected_inputs = bentoml.metrics.Counter(
     name="segflow_rejected_inputs",
@@ -137,9 +144,15 @@ class SegflowService:
         bound_header_time(self.config.header_timeout_s)  # uvicorn has no deadline for headers
         self.limits = UploadLimits.from_params(self.config)
         folder = Path(self.model.path)
-        self.segmenter = Segmenter.from_onnx(
-            folder / "model.onnx", folder / "preprocessing.json", self.config.threads
+        prep = Preprocessing.load(folder / "preprocessing.json")
+        # fp32, or the INT8 variant where it passed export's check and is faster on this CPU.
+        self.segmenter, self.precision = choose_precision(
+            folder,
+            self.config.precision,
+            lambda path: Segmenter.from_onnx(path, prep, self.config.threads),
+            warmup_images(prep, self.config.model_batch_size),
         )
+        precision_info.labels(precision=self.precision.precision).set(1)
         self.segmenter.batch_size = self.config.model_batch_size
         self.segmenter.max_pixels = self.config.max_pixels  # also after rescaling to the trained object size
         self.classes = list(self.segmenter.prep.classes)
@@ -153,7 +166,13 @@ class SegflowService:
                 "SEGFLOW_API_TOKEN is not set; every endpoint is open to anyone who can reach "
                 "this port. Set it to require 'Authorization: Bearer <token>'."
             )
-        log.info("serving %s (registry version %s)", self.model_info["tag"], self.model_info["version"])
+        log.info(
+            "serving %s (registry version %s) in %s: %s",
+            self.model_info["tag"],
+            self.model_info["version"],
+            self.precision.precision,
+            self.precision.reason,
+        )
 
     # -- the model path shared by every endpoint ------------------------------------------
 
@@ -310,6 +329,7 @@ class SegflowService:
         prep = self.segmenter.prep
         return {
             "model": self.model_info,
+            "precision": self.precision.to_dict(),
             "test_metrics": dict(info.metadata.get("test_metrics", {})),
             "lineage": {
                 "git_commit": info.labels.get("git_commit"),
@@ -343,7 +363,8 @@ class SegflowService:
 
     def stats(self) -> dict:
         self.log.flush()
-        return self.log.summary(self.config.stats_window, self.reference, self.config.drift_min_images)
+        summary = self.log.summary(self.config.stats_window, self.reference, self.config.drift_min_images)
+        return summary | {"precision": self.precision.precision}
 
 
 def _request_log_path(configured: str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -61,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="also write outlines for desktop tools: roi (<stem>_rois.zip, an ImageJ ROI set for "
         "Fiji's ROI Manager), geojson (<stem>.geojson, QuPath detections with measurements)",
+    )
+    predict.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "int8"),
+        default=None,
+        help="the model variant to run: fp32, the INT8 one export checked (int8), or the faster of "
+        "the two on this CPU (auto); default: serve.precision in params.yaml",
     )
     predict.set_defaults(run=_predict)
 
@@ -141,8 +149,8 @@ def _predict(args) -> int:
     from segflow.serve.uploads import UploadError, UploadLimits, decode_upload
 
     ref = args.model or os.environ.get("SEGFLOW_MODEL_TAG") or champion_model_tag(repo_root())
-    segmenter, model = _open_model(ref)
     serve = load_params().serve
+    segmenter, model = _open_model(ref, args.precision or serve.precision)
     # The service's decoding and size rules; only the upload byte cap does not apply to local files.
     limits = UploadLimits(2**62, serve.max_pixels, tuple(serve.formats), tuple(serve.dtypes))
     segmenter.max_pixels = serve.max_pixels  # as the service: also after rescaling to the trained object size
@@ -202,10 +210,12 @@ def _write_outputs(
     return rows
 
 
-def _open_model(ref: str):
-    """(Segmenter, model info) for a model folder or a BentoML model tag."""
-    from segflow.core.inference import Segmenter
+def _open_model(ref: str, precision: str):
+    """(Segmenter, model info) for a model folder or a BentoML model tag, in `precision`
+    (auto, fp32 or int8) chosen as the service chooses (segflow.serve.precision)."""
+    from segflow.core.inference import Preprocessing, Segmenter
     from segflow.serve.answers import model_info
+    from segflow.serve.precision import choose, warmup_images
 
     folder = Path(ref)
     if folder.is_dir():
@@ -225,7 +235,14 @@ def _open_model(ref: str):
             ) from None
         folder = Path(stored.path)
         info = model_info(dict(stored.info.labels), str(stored.tag))
-    return Segmenter.from_onnx(folder / "model.onnx", folder / "preprocessing.json"), info
+    prep = Preprocessing.load(folder / "preprocessing.json")
+    segmenter, choice = choose(
+        folder, precision, lambda path: Segmenter.from_onnx(path, prep), warmup_images(prep, 1)
+    )
+    logging.getLogger(__name__).info(
+        "model %s: %s (%s)", info.get("tag") or folder, choice.precision, choice.reason
+    )
+    return segmenter, info
 
 
 def _image_files(paths: list[Path]) -> list[Path]:

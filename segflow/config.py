@@ -390,11 +390,22 @@ class CrossvalParams(_Section):
         return list(dict.fromkeys(scales))
 
 
+class Int8Params(_Section):
+    """The INT8 variant export writes beside the fp32 model (segflow.release.quantize)."""
+
+    enabled: bool = True
+    calibration_images: int = Field(16, ge=1)  # training images that calibrate activation ranges
+    calibration_size: int = Field(256, ge=32)  # each contributes a centre crop this large
+    max_dice_drop: float = Field(0.005, ge=0)  # on the validation split, against fp32
+    max_ap50_drop: float = Field(0.01, ge=0)
+
+
 class ExportParams(_Section):
     opset: int = Field(18, ge=13, le=23)
     ir_version: int = Field(10, ge=7, le=11)
     parity_atol: float = Field(1e-4, gt=0)
     registered_model_name: str = Field("segflow-segmenter", min_length=1)
+    int8: Int8Params = Int8Params()
 
 
 GATE_METRICS = ("dice", "iou", "precision", "recall", "dice_pooled", "ap", "ap50", "ap75")

@@ -1,7 +1,9 @@
 """export: ONNX + preprocessing.json, a parity check against torch, then registration.
 
 The parity check runs both backends through segflow.core.inference on the test images; a
-difference above export.parity_atol fails the stage before anything is registered.
+difference above export.parity_atol fails the stage before anything is registered. With
+export.int8 an INT8 variant is quantized and checked against fp32 on the validation split
+(segflow.release.quantize); it ships beside fp32 only if it passed, int8.json says why.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from segflow.artifacts import (
 from segflow.config import load_params
 from segflow.core.inference import Segmenter, normalize
 from segflow.data.samples import load_samples
+from segflow.evaluate.scoring import score_predictions
 from segflow.release import tracking
 from segflow.release.export import check_parity, export_onnx
+from segflow.release.quantize import accuracy_check, calibration_inputs, quantize
 from segflow.runtime import set_threads
 from segflow.serve.monitoring import REFERENCE_FILE, profile_model
+from segflow.serve.precision import INT8_FILE, INT8_REPORT
 from segflow.train.checkpoints import load_checkpoint, torch_segmenter
 
 
@@ -52,12 +57,17 @@ def main() -> None:
         print(
             f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images"
         )
+        int8 = _int8_variant(cfg.int8, onnx, prep, out, train) if cfg.int8.enabled else None
 
         tags = tracking.lineage_tags("export", params.digest(), data_hash(SPLIT))
         with tracking.model_stage_run("export", tags, MODEL) as (parent_id, _):
             import mlflow
 
             mlflow.log_metrics({"parity_max_abs_diff": parity["max_abs_diff"]})
+            if int8 is not None:
+                mlflow.log_dict(int8, INT8_REPORT)
+                drops = {f"int8_{k}": v for k, v in int8.items() if k.endswith("_drop")}
+                mlflow.log_metrics(drops | {"int8_shipped": int(int8["passed"])})
             tracking.log_datasets(SPLIT, ("train", "test"))  # the drift reference; the parity check
             mlflow.log_dict(parity, "parity.json")
         example = normalize(test[0].image, prep)[None, :, :64, :64]  # (1, C, 64, 64) float32
@@ -70,9 +80,39 @@ def main() -> None:
             example,
             cfg.registered_model_name,
             version_tags,
-            extra_files=(out / REFERENCE_FILE,),
+            extra_files=tuple(
+                out / name for name in (REFERENCE_FILE, INT8_FILE, INT8_REPORT) if (out / name).is_file()
+            ),
         )
     print(f"export: registered {registration['name']} version {registration['version']} as 'challenger'")
+
+
+def _int8_variant(cfg, fp32: Segmenter, prep, out, train) -> dict:
+    """Quantize, check on the validation split, keep the file only if it passed; int8.json
+    records the check either way (the service reads it)."""
+    val = load_samples(read_manifest(SPLIT / "val.csv"), CONVERTED)
+    classes = list(prep.classes)
+    inputs = calibration_inputs(
+        [s.image for s in train],
+        [s.instances for s in train],
+        prep,
+        cfg.calibration_images,
+        cfg.calibration_size,
+    )
+    quantize(out / "model.onnx", out / INT8_FILE, inputs, prep.input_name)
+
+    def score(segmenter: Segmenter) -> dict:
+        predictions = segmenter.predict([s.image for s in val])
+        return score_predictions(predictions, val, classes, "val").summary
+
+    report = accuracy_check(
+        fp32, Segmenter.from_onnx(out / INT8_FILE, prep), score, cfg.max_dice_drop, cfg.max_ap50_drop
+    )
+    write_json(out / INT8_REPORT, report)
+    if not report["passed"]:
+        (out / INT8_FILE).unlink()
+    print(f"export: INT8 variant {'shipped' if report['passed'] else 'not shipped'}: {report['reason']}")
+    return report
 
 
 if __name__ == "__main__":

@@ -13,10 +13,14 @@ import sys
 from pathlib import Path
 
 from segflow.paths import repo_root
+from segflow.serve.monitoring import REFERENCE_FILE
+from segflow.serve.precision import INT8_FILE, INT8_REPORT
 
 BENTO_MODEL_NAME = "segflow-segmenter"
 MODEL_FILES = ("model.onnx", "preprocessing.json")
-OPTIONAL_MODEL_FILES = ("reference.json",)  # the drift reference; older exports lack it
+# The drift reference and the INT8 variant with its check; older exports lack them, and a
+# variant that failed its check is not there (int8.json says why).
+OPTIONAL_MODEL_FILES = (REFERENCE_FILE, INT8_FILE, INT8_REPORT)
 # Never shipped in a Bento: serving runs on ONNX Runtime alone.
 FORBIDDEN_REQUIREMENTS = ("torch", "torchvision", "segmentation-models-pytorch", "dvc", "mlflow")
 

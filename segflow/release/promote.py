@@ -69,7 +69,11 @@ def promote(params: Params) -> dict:
     test_hash = read_json(SPLIT / "summary.json")["test_hash"]
 
     holder = version_with_alias(client, name, CHAMPION)
-    same_files = {tracking.ONNX_KEY_TAG: onnx_sha256, tracking.PREP_KEY_TAG: prep_sha256}
+    same_files = {
+        tracking.ONNX_KEY_TAG: onnx_sha256,
+        tracking.PREP_KEY_TAG: prep_sha256,
+        tracking.INT8_KEY_TAG: tracking.int8_sha256(EXPORT),
+    }
     if holder is not None and all(holder.tags.get(k) == v for k, v in same_files.items()):
         # Deterministic training re-exports the same file as a new version after a code edit
         # that changes nothing: the champion already holds this model, so nothing moves.
@@ -257,12 +261,11 @@ def package(client, name: str, version: str, model_dir: Path, reuse_model: bool 
 
 
 def download_model(name: str, version: str, dest: Path) -> Path:
-    """Fetch a registered version's model.onnx, preprocessing.json (and reference.json) into `dest`."""
+    """Fetch a registered version's model.onnx, preprocessing.json (and the optional files:
+    the drift reference, the INT8 variant and its check) into `dest`."""
     import shutil
 
     import mlflow
-
-    from segflow.serve.monitoring import REFERENCE_FILE
 
     local = Path(
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
@@ -272,9 +275,10 @@ def download_model(name: str, version: str, dest: Path) -> Path:
             raise StageError(f"registered {name} version {version} has no {source.name}; re-export it")
         if source.parent != dest:
             shutil.copyfile(source, dest / source.name)
-    reference = local / "extra_files" / REFERENCE_FILE  # absent in versions exported before drift
-    if reference.is_file() and reference.parent != dest:
-        shutil.copyfile(reference, dest / REFERENCE_FILE)
+    for name in bento.OPTIONAL_MODEL_FILES:  # absent in versions exported before them
+        extra = local / "extra_files" / name
+        if extra.is_file() and extra.parent != dest:
+            shutil.copyfile(extra, dest / name)
     return dest
 
 

@@ -37,6 +37,8 @@ ONNX_KEY_TAG = "segflow.onnx_sha256"  # on a registered version: the exported fi
 # ... and its preprocessing.json: evaluate may change post-processing, TTA or the diameter
 # setting while the network (and so the ONNX file) stays byte-identical.
 PREP_KEY_TAG = "segflow.preprocessing_sha256"
+# ... and its INT8 variant ("none" without one): a new variant of the same network is news too.
+INT8_KEY_TAG = "segflow.int8_sha256"
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +259,14 @@ def find_model_run(model_dir: Path) -> str | None:
     return runs[0].info.run_id
 
 
+def int8_sha256(folder: Path) -> str:
+    """The sha256 of the INT8 variant beside an export, or "none"."""
+    from segflow.serve.precision import INT8_FILE
+
+    path = folder / INT8_FILE
+    return file_sha256(path) if path.is_file() else "none"
+
+
 def find_registered_version(client, name: str, onnx_path: Path) -> str | None:
     """The newest registered version of `name` that holds exactly the file onnx_path, if any."""
     key = file_sha256(onnx_path)
@@ -354,7 +364,11 @@ def register_onnx(
     client = MlflowClient()
     client.set_registered_model_alias(registered_name, "challenger", version)
     # The file's hash is how promote finds this version again (no version number in DVC's outputs).
-    keys = {ONNX_KEY_TAG: file_sha256(onnx_path), PREP_KEY_TAG: file_sha256(preprocessing_path)}
+    keys = {
+        ONNX_KEY_TAG: file_sha256(onnx_path),
+        PREP_KEY_TAG: file_sha256(preprocessing_path),
+        INT8_KEY_TAG: int8_sha256(onnx_path.parent),
+    }
     for key, value in {**version_tags, **keys}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
     return {

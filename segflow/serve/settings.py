@@ -39,6 +39,7 @@ class ServeParams(BaseModel):
     dtypes: list[Literal["uint8", "uint16", "float32", "float64"]] = list(UPLOAD_DTYPES)
     model_batch_size: int = Field(4, ge=1)
     threads: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "int8"] = "auto"  # see segflow.serve.precision
     request_log: str = "logs/requests.db"
     stats_window: int = Field(1000, ge=1)
     drift_min_images: int = Field(30, ge=2)

@@ -59,6 +59,11 @@ def test_repro_writes_every_output(built_repo: Path):
     assert [line.split(",")[0] for line in domains[1:]] == ["test", "shifted"]
     assert len((built_repo / "reports/plots/ap_by_iou.csv").read_text().splitlines()) == 1 + 10
     assert json.loads((built_repo / "artifacts/export/parity.json").read_text())["max_abs_diff"] <= 1e-4
+    # The INT8 variant: checked on val against fp32; on disk exactly when the check passed.
+    int8 = json.loads((built_repo / "artifacts/export/int8.json").read_text())
+    assert {"dice_fp32", "dice_int8", "dice_drop", "ap50_drop", "passed", "reason"} <= set(int8)
+    assert int8["passed"] == (int8["dice_drop"] <= 0.005 and int8["ap50_drop"] <= 0.01)
+    assert (built_repo / "artifacts/export/model.int8.onnx").is_file() == int8["passed"]
     assert len(list((built_repo / "reports/overlays").glob("*.png"))) == 2
     curves = (built_repo / "reports/plots/train_curves.csv").read_text().splitlines()
     assert curves[0].startswith("epoch,") and len(curves) == 1 + 2  # header + 2 epochs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import struct
 import zlib
 
@@ -239,10 +240,18 @@ def test_metadata_and_health(server):
     assert len(meta["lineage"]["git_commit"]) == 40 and meta["lineage"]["data_hash"]
     assert meta["input"]["max_pixels"] == 2048 * 2048 and "npy" in meta["input"]["formats"]
     assert meta["output"]["classes"] == ["background", "cell"]
+    # Which variant runs, and why: measured at start when the INT8 variant passed its check.
+    chosen = meta["precision"]
+    assert chosen["setting"] == "auto" and chosen["precision"] in ("fp32", "int8") and chosen["reason"]
+    if chosen["int8_check"] and chosen["int8_check"]["passed"]:
+        assert set(chosen["ms_per_image"]) == {"fp32", "int8"}
+    assert httpx.get(f"{server.url}/stats").json()["precision"] == chosen["precision"]
     for path in ("/healthz", "/readyz", "/livez", "/docs.json", "/docs", "/"):
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "segflow_objects_per_image" in metrics and "segflow_model_batch_size" in metrics
+    running = re.search(r'segflow_precision_info\{[^}]*precision="(\w+)"[^}]*\} 1\.0', metrics)
+    assert running and running.group(1) == chosen["precision"], metrics[-3000:]
 
 
 def test_stats_request_log_and_drift(server, sample_images):

@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export BENTOML_DO_NOT_TRACK ?= True
 
-.PHONY: help setup data run test test-fast test-slow lint format mlflow serve docs-images clean
+.PHONY: help setup data run test test-fast test-slow lint format mlflow mlflow-server serve docs-images clean
 
 help: ## show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ format: setup ## apply ruff fixes and formatting
 
 mlflow: setup ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+mlflow-server: setup ## a team tracking server: PostgreSQL + proxied artifacts in .mlflow-server (http://127.0.0.1:5000)
+	$(BIN)/segflow tracking-server --dir .mlflow-server
 
 serve: setup ## serve the champion with BentoML on http://127.0.0.1:3000
 	$(BIN)/bentoml serve service:svc

@@ -79,6 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     rollback = commands.add_parser("rollback", help="give 'champion' back to the previous champion")
     rollback.set_defaults(run=_rollback)
 
+    team = commands.add_parser(
+        "tracking-server",
+        help="run a team MLflow tracking server: PostgreSQL for runs and the registry, proxied "
+        "artifacts on disk (point checkouts at it with MLFLOW_TRACKING_URI=http://HOST:PORT)",
+    )
+    team.add_argument(
+        "--dir", type=Path, default=Path(".mlflow-server"), help="its data (default: .mlflow-server)"
+    )
+    team.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    team.add_argument("--port", type=int, default=5000, help="the server's port (default 5000)")
+    team.add_argument(
+        "--db-port", type=int, default=5433, help="PostgreSQL's port on 127.0.0.1 (default 5433)"
+    )
+    team.set_defaults(run=_tracking_server)
+
     args = parser.parse_args(argv)
     offline_env()
     configure_logging()
@@ -125,6 +140,12 @@ def _rollback(args) -> int:
     print(f"champion: version {result['demoted']} -> version {result['champion']}")
     print(f"bento: {result['bento']['bento_tag']}")
     return 0
+
+
+def _tracking_server(args) -> int:
+    from segflow.release.teamserver import serve
+
+    return serve(args.dir, args.host, args.port, args.db_port)
 
 
 def _positive_pixels(text: str) -> float:

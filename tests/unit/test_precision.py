@@ -96,9 +96,7 @@ def _opener(ms: dict[str, float]):
 PASSED = {"passed": True, "reason": "within the allowed drop"}
 
 
-@pytest.mark.parametrize(
-    ("fp32_ms", "int8_ms", "expected"), [(20, 8, "int8"), (8, 20, "fp32")]
-)
+@pytest.mark.parametrize(("fp32_ms", "int8_ms", "expected"), [(20, 8, "int8"), (8, 20, "fp32")])
 def test_auto_serves_the_faster_variant_measured_here(tmp_path, fp32_ms, int8_ms, expected):
     folder = _folder(tmp_path, PASSED)
     segmenter, choice = choose(

@@ -1,0 +1,116 @@
+"""The pipeline against a team tracking server: a real PostgreSQL and a real `mlflow server`
+with proxied artifacts, on loopback (segflow.release.teamserver: what `make mlflow-server`
+runs). Nothing in the pipeline changes but MLFLOW_TRACKING_URI."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from segflow.release.teamserver import server_command, start_postgres, stop_postgres
+from tests.conftest import make_tiny_repo, run
+
+pytestmark = pytest.mark.slow
+MODEL = "segflow-segmenter"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tracking_server():
+    folder = Path(tempfile.mkdtemp(prefix="segflow-team-"))  # not pytest's root-only tmp: postgres owns it
+    folder.chmod(0o755)
+    database = start_postgres(folder, _free_port())
+    port = _free_port()
+    log = folder / "mlflow.log"
+    process = subprocess.Popen(
+        server_command(database, folder / "artifacts", "127.0.0.1", port),
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(30)
+    stop_postgres(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _champion(api: httpx.Client) -> dict:
+    answer = api.get("/registered-models/alias", params={"name": MODEL, "alias": "champion"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["model_version"]
+
+
+def _tags(entity: dict) -> dict:
+    return {t["key"]: t["value"] for t in entity.get("tags", [])}
+
+
+def test_pipeline_promotion_rollback_and_predict_run_unchanged_against_the_server(tracking_server, tmp_path):
+    repo = make_tiny_repo(tmp_path)
+    env = {"MLFLOW_TRACKING_URI": tracking_server}
+    run(["dvc", "repro"], repo, env=env)
+    assert not (repo / "mlflow.db").exists()  # every run went to the server
+
+    api = httpx.Client(base_url=f"{tracking_server}/api/2.0/mlflow", timeout=30)
+    champion = _champion(api)
+    onnx = (repo / "artifacts/export/model.onnx").read_bytes()
+    assert champion["version"] == "1"
+    assert _tags(champion)["segflow.onnx_sha256"] == hashlib.sha256(onnx).hexdigest()
+    assert champion["source"].startswith(("mlflow-artifacts:", "models:/"))  # proxied by the server
+
+    # Lineage on the stage runs, read through the REST API.
+    experiment = api.get("/experiments/get-by-name", params={"experiment_name": "segflow"}).json()[
+        "experiment"
+    ]
+    found = api.post(
+        "/runs/search",
+        json={"experiment_ids": [experiment["experiment_id"]], "filter": "tags.`segflow.stage` = 'train'"},
+    ).json()["runs"]
+    assert len(found) == 1
+    lineage = _tags(found[0]["data"])
+    commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    assert lineage["segflow.git_commit"] == commit and lineage["segflow.data_hash"] != "unknown"
+
+    # Artifacts come back through the server: the registered model's file is the exported one.
+    fetched = tmp_path / "fetched"
+    code = (
+        "import mlflow, sys; mlflow.set_tracking_uri(sys.argv[1]); "
+        f"print(mlflow.artifacts.download_artifacts(artifact_uri='models:/{MODEL}/1', dst_path=sys.argv[2]))"
+    )
+    path = Path(run(["python", "-c", code, tracking_server, str(fetched)], repo, env=env).stdout.strip())
+    assert (path / "model.onnx").read_bytes() == onnx
+
+    # A second champion, then rollback: both through the server's registry.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["epochs"] = 3
+    params["promote"]["max_regression"] = {"dice": 1.0, "iou": 1.0, "ap50": 1.0}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    run(["dvc", "repro"], repo, env=env)
+    assert _champion(api)["version"] == "2"
+    assert "version 2 -> version 1" in run(["segflow", "rollback"], repo, env=env).stdout
+    assert _champion(api)["version"] == "1"
+
+    image = sorted((repo / "data/images").glob("*.png"))[0]
+    out = run(["segflow", "predict", str(image), "--out", "predictions"], repo, env=env)
+    assert "objects" in out.stdout and (repo / "predictions" / f"{image.stem}_labels.png").is_file()

@@ -83,6 +83,7 @@ def main() -> None:
             extra_files=tuple(
                 out / name for name in (REFERENCE_FILE, INT8_FILE, INT8_REPORT) if (out / name).is_file()
             ),
+            int8_path=out / INT8_FILE,
         )
     print(f"export: registered {registration['name']} version {registration['version']} as 'challenger'")
 

@@ -28,13 +28,15 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import GATE_METRICS, Params
-from segflow.release import bento, stores, tracking
+from segflow.release import bento, kubernetes, stores, tracking
 from segflow.release.gate import CHAMPION, decide, move_champion, roll_back_champion, version_with_alias
+from segflow.serve.precision import INT8_FILE
 from segflow.serve.settings import RELEASE_RECORD
 
 log = logging.getLogger(__name__)
 
 PROMOTION_REPORT = REPORTS / "promotion.json"
+KUBERNETES_FILE = RELEASE_RECORD.parent / "kubernetes.yaml"  # the champion's Bento, deployed
 # Registry versions and Bento tags are run-specific, so they go to RELEASE_RECORD
 # (logs/release.json, outside DVC's outputs; a checkout's service reads its model tag there).
 # Run-specific entries of the full report, left out of PROMOTION_REPORT.
@@ -72,7 +74,7 @@ def promote(params: Params) -> dict:
     same_files = {
         tracking.ONNX_KEY_TAG: onnx_sha256,
         tracking.PREP_KEY_TAG: prep_sha256,
-        tracking.INT8_KEY_TAG: tracking.int8_sha256(EXPORT),
+        tracking.INT8_KEY_TAG: tracking.optional_sha256(EXPORT / INT8_FILE),
     }
     if holder is not None and all(holder.tags.get(k) == v for k, v in same_files.items()):
         # Deterministic training re-exports the same file as a new version after a code edit
@@ -251,10 +253,12 @@ def package(client, name: str, version: str, model_dir: Path, reuse_model: bool 
     )
     bento_tag, dockerfile = bento.build_bento(model_tag, labels)
     requirements = bento.bento_requirements(bento_tag)
+    deploy = kubernetes.write_manifests(KUBERNETES_FILE, kubernetes.manifests(bento_tag, labels))
     return {
         "model_tag": model_tag,
         "bento_tag": bento_tag,
         "dockerfile": str(dockerfile),
+        "kubernetes": str(deploy),
         "size_bytes": bento.bento_size(bento_tag),
         "requirements": requirements,
     }

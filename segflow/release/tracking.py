@@ -259,12 +259,9 @@ def find_model_run(model_dir: Path) -> str | None:
     return runs[0].info.run_id
 
 
-def int8_sha256(folder: Path) -> str:
-    """The sha256 of the INT8 variant beside an export, or "none"."""
-    from segflow.serve.precision import INT8_FILE
-
-    path = folder / INT8_FILE
-    return file_sha256(path) if path.is_file() else "none"
+def optional_sha256(path: Path | None) -> str:
+    """A file's sha256, or "none" when there is no such file (an optional model variant)."""
+    return file_sha256(path) if path is not None and path.is_file() else "none"
 
 
 def find_registered_version(client, name: str, onnx_path: Path) -> str | None:
@@ -323,12 +320,13 @@ def register_onnx(
     registered_name: str,
     version_tags: dict[str, str],
     extra_files: tuple[Path, ...] = (),
+    int8_path: Path | None = None,
 ) -> dict:
     """Log the ONNX model on the model's parent run and register it as `challenger`.
 
-    The model carries preprocessing.json (plus `extra_files`, e.g. the drift reference)
-    as extra files and the preprocessing in its metadata, so a registered version alone
-    is enough to serve it.
+    The model carries preprocessing.json (plus `extra_files`, e.g. the drift reference and
+    the INT8 variant, `int8_path`, whose hash is tagged too) as extra files and the
+    preprocessing in its metadata, so a registered version alone is enough to serve it.
 
     Returns:
         {"name", "version", "alias", "model_uri", "run_id"}.
@@ -367,7 +365,7 @@ def register_onnx(
     keys = {
         ONNX_KEY_TAG: file_sha256(onnx_path),
         PREP_KEY_TAG: file_sha256(preprocessing_path),
-        INT8_KEY_TAG: int8_sha256(onnx_path.parent),
+        INT8_KEY_TAG: optional_sha256(int8_path),
     }
     for key, value in {**version_tags, **keys}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))

@@ -73,6 +73,8 @@ def test_first_model_becomes_champion_with_a_slim_labelled_bento(built_repo: Pat
     for name in FORBIDDEN_REQUIREMENTS:
         assert not any(r.lower().startswith(name) for r in packaged["requirements"]), name
     assert Path(packaged["dockerfile"]).is_file()
+    deploy = list(yaml.safe_load_all(Path(built_repo / packaged["kubernetes"]).read_text()))
+    assert deploy[0]["spec"]["template"]["spec"]["containers"][0]["image"] == packaged["bento_tag"]
 
     bento = json.loads(run(["bentoml", "get", packaged["bento_tag"], "-o", "json"], built_repo).stdout)
     labels = bento["labels"]

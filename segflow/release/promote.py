@@ -189,7 +189,9 @@ def reproducible(report: dict) -> dict:
 
 def _candidate_version(client, name: str) -> str:
     """The registered version holding artifacts/export/model.onnx, found by the file's hash."""
-    version = tracking.find_registered_version(client, name, EXPORT / "model.onnx")
+    version = tracking.find_registered_version(
+        client, name, EXPORT / "model.onnx", EXPORT / "preprocessing.json"
+    )
     if version is None:
         raise StageError(
             f"{EXPORT / 'model.onnx'} is not registered as a version of {name} in "

@@ -264,10 +264,18 @@ def optional_sha256(path: Path | None) -> str:
     return file_sha256(path) if path is not None and path.is_file() else "none"
 
 
-def find_registered_version(client, name: str, onnx_path: Path) -> str | None:
-    """The newest registered version of `name` that holds exactly the file onnx_path, if any."""
-    key = file_sha256(onnx_path)
-    versions = [v for v in client.search_model_versions(f"name='{name}'") if v.tags.get(ONNX_KEY_TAG) == key]
+def find_registered_version(client, name: str, onnx_path: Path, prep_path: Path | None = None) -> str | None:
+    """The newest registered version of `name` that holds exactly the file onnx_path (and,
+    given prep_path, that preprocessing.json: two exports of one network with other
+    post-processing are two versions), if any."""
+    wanted = {ONNX_KEY_TAG: file_sha256(onnx_path)}
+    if prep_path is not None:
+        wanted[PREP_KEY_TAG] = file_sha256(prep_path)
+    versions = [
+        v
+        for v in client.search_model_versions(f"name='{name}'")
+        if all(v.tags.get(key) == value for key, value in wanted.items())
+    ]
     return str(max(int(v.version) for v in versions)) if versions else None
 
 

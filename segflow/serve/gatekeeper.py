@@ -116,9 +116,8 @@ class Gatekeeper:
                     ((b"www-authenticate", b'Bearer realm="segflow"'),),
                 )
             elif path in API_PATHS and method == "POST":
-                body, problem = await _read_upload(
-                    headers, receive, service.limits.max_bytes, service.config.body_timeout_s
-                )
+                limits = service.limits
+                body, problem = await _read_upload(headers, receive, limits.max_bytes, limits.body_timeout_s)
                 if problem:
                     # The rest of the body is still coming (or never will): end the connection
                     # with the answer, or its bytes would be read as the next request.

@@ -45,10 +45,17 @@ class UploadLimits:
     max_pixels: int = 2048 * 2048
     formats: tuple[str, ...] = ("png", "jpeg", "tiff", "npy")
     dtypes: tuple[str, ...] = ("uint8", "uint16", "float32", "float64")
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (the gatekeeper's 408)
 
     @classmethod
     def from_params(cls, serve) -> UploadLimits:
-        return cls(serve.max_upload_bytes, serve.max_pixels, tuple(serve.formats), tuple(serve.dtypes))
+        return cls(
+            serve.max_upload_bytes,
+            serve.max_pixels,
+            tuple(serve.formats),
+            tuple(serve.dtypes),
+            serve.body_timeout_s,
+        )
 
 
 def sniff_format(data: bytes) -> str | None:

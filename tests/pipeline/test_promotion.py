@@ -161,11 +161,15 @@ def test_concurrent_promotions_move_champion_once_and_agree_with_their_records(
         "BENTOML_HOME": str(repo_copy / ".bentoml"),
     }
     checkouts = []
-    for name, lr in (("b", 0.01), ("c", 0.002)):
+    # Two candidates without training: the same network with other post-processing (evaluate
+    # and export re-run) is another registered version.
+    for name, threshold in (("b", 0.45), ("c", 0.55)):
         checkout = tmp_path / name
         shutil.copytree(repo_copy, checkout, symlinks=True)
         _set_params(
-            checkout, train={"epochs": 3, "lr": lr}, promote={"max_regression": {"dice": 1.0, "iou": 1.0}}
+            checkout,
+            inference={"tune": False, "threshold": threshold},
+            promote={"max_regression": {"dice": 1.0, "iou": 1.0, "ap50": 1.0}},
         )
         run(["dvc", "repro", "export"], checkout, env=shared)  # registers version 2, then 3
         checkouts.append(checkout)

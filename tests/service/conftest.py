@@ -70,7 +70,7 @@ def start_server(repo: Path, tmp: Path, token: str | None = None, serve: dict | 
     raise AssertionError(f"bentoml serve not ready after 90 s:\n{log.read_text()[-4000:]}")
 
 
-def _stop(server: Server) -> None:
+def stop_server(server: Server) -> None:
     server.process.terminate()
     try:
         server.process.wait(20)
@@ -83,7 +83,7 @@ def server(built_repo: Path, tmp_path_factory) -> Server:
     """The service without a token (every endpoint open)."""
     srv = start_server(built_repo, tmp_path_factory.mktemp("serve"))
     yield srv
-    _stop(srv)
+    stop_server(srv)
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +93,7 @@ def locked_server(built_repo: Path, tmp_path_factory) -> Server:
         built_repo, tmp_path_factory.mktemp("serve-locked"), token=TOKEN, serve=SLOW_CLIENT_DEADLINES
     )
     yield srv
-    _stop(srv)
+    stop_server(srv)
 
 
 @pytest.fixture(scope="session")

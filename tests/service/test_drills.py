@@ -13,8 +13,18 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.service.conftest import start_server, stop_server
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(built_repo: Path, tmp_path_factory):
+    """A server of its own: the drills' thousands of odd images must not reach the request log
+    (and drift statistics) the other service tests read."""
+    srv = start_server(built_repo, tmp_path_factory.mktemp("serve-drills"))
+    yield srv
+    stop_server(srv)
 
 
 def _bench(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

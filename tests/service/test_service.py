@@ -129,7 +129,9 @@ def test_labels_and_measurements_describe_the_same_objects(server, sample_images
     regions = {r.label: r for r in regionprops(labels)}
     for obj in body["objects"]:
         own, drawn = labels == obj["id"], _filled(obj["polygon"], labels.shape)
-        assert (own & drawn).sum() / (own | drawn).sum() >= 0.95, obj["id"]
+        # COCO polygons run through the boundary pixels' centres: drawn back, a small object
+        # can lose a pixel or two of its edge, a large one a negligible share.
+        assert (own & drawn).sum() / (own | drawn).sum() >= (0.95 if own.sum() >= 100 else 0.8), obj["id"]
         assert regions[obj["id"]].area == obj["area"] == obj["measurements"]["area"]
     # TIFF, by field or by Accept header, holds the same ids.
     by_field = post(server, "/segment_labels", {"image": data}, data={"format": "tiff"})

@@ -24,10 +24,9 @@ from segflow.artifacts import (
 from segflow.config import load_params
 from segflow.core.inference import Segmenter, normalize
 from segflow.data.samples import load_samples
-from segflow.evaluate.scoring import score_predictions
 from segflow.release import tracking
 from segflow.release.export import check_parity, export_onnx
-from segflow.release.quantize import accuracy_check, calibration_inputs, quantize
+from segflow.release.quantize import int8_variant
 from segflow.runtime import set_threads
 from segflow.serve.monitoring import REFERENCE_FILE, profile_model
 from segflow.serve.precision import INT8_FILE, INT8_REPORT
@@ -57,7 +56,12 @@ def main() -> None:
         print(
             f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images"
         )
-        int8 = _int8_variant(cfg.int8, onnx, prep, out, train) if cfg.int8.enabled else None
+        int8 = None
+        if cfg.int8.enabled:
+            val = load_samples(read_manifest(SPLIT / "val.csv"), CONVERTED)
+            int8 = int8_variant(cfg.int8, onnx, out, train, val)
+            shipped = "shipped" if int8["passed"] else "not shipped"
+            print(f"export: INT8 variant {shipped}: {int8['reason']}")
 
         tags = tracking.lineage_tags("export", params.digest(), data_hash(SPLIT))
         with tracking.model_stage_run("export", tags, MODEL) as (parent_id, _):
@@ -86,34 +90,6 @@ def main() -> None:
             int8_path=out / INT8_FILE,
         )
     print(f"export: registered {registration['name']} version {registration['version']} as 'challenger'")
-
-
-def _int8_variant(cfg, fp32: Segmenter, prep, out, train) -> dict:
-    """Quantize, check on the validation split, keep the file only if it passed; int8.json
-    records the check either way (the service reads it)."""
-    val = load_samples(read_manifest(SPLIT / "val.csv"), CONVERTED)
-    classes = list(prep.classes)
-    inputs = calibration_inputs(
-        [s.image for s in train],
-        [s.instances for s in train],
-        prep,
-        cfg.calibration_images,
-        cfg.calibration_size,
-    )
-    quantize(out / "model.onnx", out / INT8_FILE, inputs, prep.input_name)
-
-    def score(segmenter: Segmenter) -> dict:
-        predictions = segmenter.predict([s.image for s in val])
-        return score_predictions(predictions, val, classes, "val").summary
-
-    report = accuracy_check(
-        fp32, Segmenter.from_onnx(out / INT8_FILE, prep), score, cfg.max_dice_drop, cfg.max_ap50_drop
-    )
-    write_json(out / INT8_REPORT, report)
-    if not report["passed"]:
-        (out / INT8_FILE).unlink()
-    print(f"export: INT8 variant {'shipped' if report['passed'] else 'not shipped'}: {report['reason']}")
-    return report
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ service reads it: segflow.serve.precision).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ import numpy as np
 from segflow.core.inference import Preprocessing, Segmenter, normalize
 from segflow.core.sizes import median_diameter, resize_planes, scale_for, scaled_shape
 from segflow.core.tiling import pad_to_multiple
+from segflow.serve.precision import FP32_FILE, INT8_FILE, INT8_REPORT
 
 log = logging.getLogger(__name__)
 
@@ -122,4 +124,32 @@ def accuracy_check(
             )
     report["passed"] = not reasons
     report["reason"] = "; ".join(reasons) or "within the allowed drop of fp32 on the validation split"
+    return report
+
+
+def int8_variant(cfg, fp32: Segmenter, folder: Path, train: Sequence, val: Sequence) -> dict:
+    """Quantize folder/model.onnx (calibrated on `train` samples), check it against `fp32` on
+    the `val` samples, and keep folder/INT8_FILE only if it passed; INT8_REPORT records the
+    check either way (the service reads it). `cfg` is params.export.int8."""
+    from segflow.evaluate.scoring import score_predictions
+
+    prep = fp32.prep
+    inputs = calibration_inputs(
+        [s.image for s in train],
+        [s.instances for s in train],
+        prep,
+        cfg.calibration_images,
+        cfg.calibration_size,
+    )
+    quantize(folder / FP32_FILE, folder / INT8_FILE, inputs, prep.input_name)
+
+    def score(segmenter: Segmenter) -> dict:
+        predictions = segmenter.predict([s.image for s in val])
+        return score_predictions(predictions, list(val), list(prep.classes), "val").summary
+
+    int8 = Segmenter.from_onnx(folder / INT8_FILE, prep)
+    report = accuracy_check(fp32, int8, score, cfg.max_dice_drop, cfg.max_ap50_drop)
+    (folder / INT8_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    if not report["passed"]:
+        (folder / INT8_FILE).unlink()
     return report

@@ -192,8 +192,8 @@ def _timed_logits(
     """The samples' logits and scales under `prep` (left on the segmenter), and the seconds per image."""
     segmenter.prep = prep
     started = time.perf_counter()
-    logits = segmenter.scaled_logits([s.image for s in samples])
-    return logits, (time.perf_counter() - started) / max(1, len(samples))
+    logits_and_scales = segmenter.scaled_logits([s.image for s in samples])
+    return logits_and_scales, (time.perf_counter() - started) / max(1, len(samples))
 
 
 def classical_baseline(val: list[Sample], test: list[Sample], classes: list[str]) -> dict:

@@ -179,6 +179,13 @@ class SplitParams(_Section):
         return self
 
 
+class Distributed(_Section):
+    """Data-parallel training under torchrun (segflow.train.distributed)."""
+
+    nproc: int = Field(1, ge=1, le=256)  # processes on this machine; above 1 the stage runs under torchrun
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo on CPUs
+
+
 class Augment(_Section):
     hflip: float = Field(0.5, ge=0, le=1)
     vflip: float = Field(0.5, ge=0, le=1)
@@ -202,6 +209,10 @@ class TrainParams(_Section):
     crop_size: int | None = Field(192, ge=32)
     crops_per_image: int = Field(1, ge=1)  # random crops per training image per epoch (large images: more)
     threads: int = Field(2, ge=1)
+    # How the loop computes (segflow.train.precision): bfloat16 autocast where the CPU has it.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = True
+    distributed: Distributed = Distributed()
     augment: Augment = Augment()
     # What happens between epochs.
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
@@ -219,6 +230,16 @@ class TrainParams(_Section):
             raise ValueError(
                 "train.diameter and train.augment.scale rescale images to sizes that do not stack "
                 "into batches; set train.crop_size (e.g. 256) or turn both off"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> TrainParams:
+        nproc = self.distributed.nproc
+        if self.batch_size % nproc:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split evenly over distributed.nproc {nproc} "
+                f"processes; make it a multiple of {nproc} (each process takes an equal share of every batch)"
             )
         return self
 

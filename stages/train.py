@@ -2,10 +2,14 @@
 
 An interrupted run (kill, crash, Ctrl-C) leaves a resume state in artifacts/.resume/: the
 next `dvc repro` continues from the last completed epoch if params, data and code match.
+With train.distributed.nproc above 1 the stage runs itself under torchrun; rank 0 alone
+logs and writes (segflow.train.distributed).
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 from segflow.artifacts import (
@@ -24,6 +28,7 @@ from segflow.config import load_params
 from segflow.data.samples import load_samples
 from segflow.release import tracking
 from segflow.runtime import set_threads
+from segflow.train import distributed
 from segflow.train.epochs import run_summary, train_seconds, without_timings
 from segflow.train.loop import train_model
 from segflow.train.resume import discard
@@ -35,11 +40,28 @@ RESUME = Path("artifacts/.resume/train.pt")
 
 def main() -> None:
     params = load_params()
-    set_threads(params.train.threads)
-    train = load_samples(read_manifest(SPLIT / "train.csv"), CONVERTED)
-    val = load_samples(read_manifest(SPLIT / "val.csv"), CONVERTED)
+    nproc = params.train.distributed.nproc
+    if nproc > 1 and not distributed.launched():
+        if distributed.relaunch("stages.train", nproc, params.train.threads) != 0:
+            sys.exit(1)  # torchrun printed the failing rank's error
+        return
+    with distributed.world(params.train.distributed.backend) as world:
+        # The processes share the cores train.threads names.
+        set_threads(max(1, params.train.threads // world.size))
+        train = load_samples(read_manifest(SPLIT / "train.csv"), CONVERTED)
+        val = load_samples(read_manifest(SPLIT / "val.csv"), CONVERTED)
+        if world.is_main:
+            _train_and_record(params, train, val, world)
+        else:  # a replica: trains its share of each batch; rank 0 logs and writes
+            logging.getLogger("segflow").setLevel(logging.WARNING)
+            train_model(params, train, val, MODEL / "model.pt", resume_path=RESUME)
+
+
+def _train_and_record(params, train, val, world: distributed.World) -> None:
+    """Rank 0 (or the only process): train into artifacts/model with MLflow runs around it."""
+    processes = f" in {world.size} processes" if world.size > 1 else ""
     tags = tracking.lineage_tags("train", params.digest(), data_hash(SPLIT))
-    print(f"train: {len(train)} training and {len(val)} validation images")
+    print(f"train: {len(train)} training and {len(val)} validation images{processes}")
 
     with replace_dir(MODEL) as out, tracking.model_stage_run("train", tags, out, new_model=True) as runs:
         parent_id, _ = runs

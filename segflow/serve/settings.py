@@ -8,6 +8,7 @@ this model for the whole file).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +39,8 @@ class ServeParams(BaseModel):
     formats: list[Literal["png", "jpeg", "tiff", "npy"]] = list(UPLOAD_FORMATS)
     dtypes: list[Literal["uint8", "uint16", "float32", "float64"]] = list(UPLOAD_DTYPES)
     model_batch_size: int = Field(4, ge=1)
-    threads: int = Field(0, ge=0)
+    workers: int = Field(1, ge=1, le=64)  # BentoML worker processes, each with its own model session
+    threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads per worker; 0 = cores / workers
     precision: Literal["auto", "fp32", "int8"] = "auto"  # see segflow.serve.precision
     request_log: str = "logs/requests.db"
     stats_window: int = Field(1000, ge=1)
@@ -46,6 +48,23 @@ class ServeParams(BaseModel):
     # Slow clients: a request's headers, and an API request's body, must arrive within these.
     header_timeout_s: float = Field(10.0, gt=0, le=600)
     body_timeout_s: float = Field(30.0, gt=0, le=600)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def onnx_threads(params: ServeParams, cores: int | None = None) -> int:
+    """ONNX Runtime intra-op threads for one worker: serve.threads when set, else the cores
+    shared out between the workers (each worker's session would otherwise start one thread per
+    core, and N workers would fight over the cores with N times as many threads)."""
+    if params.threads:
+        return params.threads
+    return max(1, (cores or available_cores()) // params.workers)
 
 
 def read_params_file(path: Path, error: type[Exception], missing_hint: str) -> dict:

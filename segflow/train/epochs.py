@@ -64,23 +64,26 @@ def should_stop(history: list[dict], patience: int) -> bool:
     return history[-1]["epoch"] - best_at >= patience
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 32-bit seed for one epoch, derived from the run's seed."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A well-mixed 32-bit seed for one epoch, derived from the run's seed (and, for the other
+    processes of a distributed run, their rank, so their augmentations differ from rank 0's)."""
+    entropy = [seed, epoch] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-def seed_epoch(seed: int, epoch: int, generator, augment) -> None:
+def seed_epoch(seed: int, epoch: int, generator, augment, rank: int = 0) -> None:
     """Re-seed everything random in one epoch: torch's global RNG, the DataLoader's shuffle
     generator and the albumentations pipeline.
 
     The transforms of `augment` share one numpy and one Python generator: albumentations'
     own `Compose.set_random_seed` gives every transform an identically seeded generator
     of its own, which makes transforms with equal probability fire together (every
-    horizontal flip is also a vertical flip).
+    horizontal flip is also a vertical flip). In a distributed run the shuffle is the
+    DistributedSampler's (seeded by the run's seed and the epoch, the same on every rank).
     """
     import torch
 
-    s = epoch_seed(seed, epoch)
+    s = epoch_seed(seed, epoch, rank)
     torch.manual_seed(s)
     generator.manual_seed(s)
     augment.set_random_state(np.random.default_rng(s), random.Random(s))

@@ -23,9 +23,11 @@ from segflow.data.samples import Sample
 from segflow.errors import UserError
 from segflow.evaluate.metrics import class_confusions, summarize_classes
 from segflow.runtime import offline_env
+from segflow.train import distributed
 from segflow.train.checkpoints import save_checkpoint, torch_segmenter
 from segflow.train.epochs import best_epoch, build_scheduler, deterministic_mode, seed_epoch, should_stop
 from segflow.train.models import build_model, model_spec
+from segflow.train.precision import Compute
 from segflow.train.resume import ResumeFile, fingerprint
 
 log = logging.getLogger(__name__)
@@ -182,10 +184,10 @@ def train_model(
 def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[dict]:
     """train_model's body (under the deterministic-mode setting)."""
     import torch
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     cfg = params.train
+    world = distributed.current()  # rank 0 of 1 unless torchrun started this process
     torch.manual_seed(params.base.seed)
     prep = preprocessing_from(params, data_diameter(train))
     if cfg.diameter:  # the network learns one object size; inference rescales to it
@@ -195,18 +197,16 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
         )  # fmt: skip
         train = rescale_samples(train, cfg.diameter, prep.data_diameter)
     spec = model_spec(params.base, cfg, interior=prep.instances in SEEDED)
-    model = build_model(spec, cfg.encoder_weights)
+    compute = Compute.resolve(cfg.precision, cfg.channels_last)
+    log.info("training in %s", compute.describe())
+    model = compute.prepare(build_model(spec, cfg.encoder_weights))
     loss_fn = _make_loss(cfg.dice_weight, len(params.base.classes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = max(1, -(-len(train) * cfg.crops_per_image // cfg.batch_size))  # per epoch
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.lr, cfg.epochs * batches)
-    loader = DataLoader(
-        _AugmentedDataset(train, build_augmentations(params), prep, cfg.interior_margin, cfg.crops_per_image),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(params.base.seed),
-        collate_fn=_collate,
+    dataset = _AugmentedDataset(
+        train, build_augmentations(params), prep, cfg.interior_margin, cfg.crops_per_image
     )
+    loader = _loader(dataset, distributed.check_batch(cfg.batch_size, world.size), params.base.seed, world)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.lr, cfg.epochs * len(loader))
     # The best epoch so far, with a copy of its weights for the resume state.
     history, best, best_at, best_weights = [], -1.0, 0, None
     resume = None
@@ -218,15 +218,19 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
             history = state["history"]
             best, best_at, best_weights = state["best_val_dice"], state["best_epoch"], state["best_weights"]
             # The output folder was rebuilt empty: put the best checkpoint back.
-            save_checkpoint(checkpoint_path, best_weights, spec, prep, epoch=best_at, val_dice=best)
+            if world.is_main:
+                save_checkpoint(checkpoint_path, best_weights, spec, prep, epoch=best_at, val_dice=best)
             done = len(history)
             where = f"from epoch {done + 1}" if done < cfg.epochs else f"after the last epoch {done}"
             log.info(
                 "resuming %s/%s (%s): epochs 1-%s restored, best val Dice %.4f at epoch %s",
                 where, cfg.epochs, resume.path, done, best, best_at,
             )  # fmt: skip
-            for record in history if on_epoch else ():
+            for record in history if on_epoch and world.is_main else ():
                 on_epoch(record)
+    network = model  # what is validated, saved and exported
+    if world.size > 1:  # averages gradients over the processes; starts every replica from rank 0's weights
+        model = torch.nn.parallel.DistributedDataParallel(model)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         if should_stop(history, cfg.early_stopping):
             top = best_epoch(history)
@@ -236,19 +240,26 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
                 epoch - 1, cfg.epochs, cfg.early_stopping, top["val_dice"], top["epoch"],
             )  # fmt: skip
             break
-        seed_epoch(params.base.seed, epoch, loader.generator, loader.dataset.augment)
+        seed_epoch(params.base.seed, epoch, loader.generator, dataset.augment, world.rank)
+        if world.size > 1:
+            loader.sampler.set_epoch(epoch)  # each epoch its own split of the shuffled images
         started = time.perf_counter()
         model.train()
         losses, lr = [], optimizer.param_groups[0]["lr"]
         for x, y in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None):
             optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
+            with compute.autocast():
+                logits = model(compute.inputs(x))
+            loss = loss_fn(logits.float(), y)  # the loss in float32 whatever the forward pass ran in
             loss.backward()
             lr = optimizer.param_groups[0]["lr"]  # what this step uses (the scheduler moves it next)
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-        val_loss, val_dice = _validate(model, prep, val, loss_fn, cfg.interior_margin)
+        val_loss, val_dice = distributed.share_from_main(
+            _validate(network, prep, val, loss_fn, cfg.interior_margin) if world.is_main else [None, None],
+            world,
+        )  # every rank needs the result: early stopping must stop them all at the same epoch
         record = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
@@ -259,10 +270,13 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
         }
         if val_dice > best:
             best, best_at = val_dice, epoch
-            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            save_checkpoint(checkpoint_path, model, spec, prep, epoch=epoch, val_dice=val_dice)
+            best_weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
+            if world.is_main:
+                save_checkpoint(checkpoint_path, network, spec, prep, epoch=epoch, val_dice=val_dice)
         record["best_val_dice"] = best
         history.append(record)
+        if not world.is_main:
+            continue  # rank 0 alone logs and writes
         log.info(
             "epoch %3d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  (%.1fs)",
             epoch, cfg.epochs, record["train_loss"], val_loss, val_dice, record["seconds"],
@@ -275,8 +289,8 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
                     "best_val_dice": best,
                     "best_epoch": best_at,
                     # The model's own tensors when this epoch is the best: torch.save stores them once.
-                    "best_weights": model.state_dict() if best_at == epoch else best_weights,
-                    "model": model.state_dict(),
+                    "best_weights": network.state_dict() if best_at == epoch else best_weights,
+                    "model": network.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                 }
@@ -284,6 +298,28 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
         if on_epoch:
             on_epoch(record)
     return history
+
+
+def _loader(dataset, batch_size: int, seed: int, world: distributed.World):
+    """Shuffled batches of `dataset`; under torchrun each process takes its own share of every
+    epoch's images (DistributedSampler: equal shares, so every process steps together)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = None
+    if world.size > 1:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=_collate,
+    )
 
 
 def _restore(state: dict, model, optimizer, scheduler, resume: ResumeFile) -> bool:

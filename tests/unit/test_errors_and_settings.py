@@ -11,7 +11,7 @@ import pytest
 from segflow.artifacts import run_stage
 from segflow.errors import UserError
 from segflow.runtime import configure_logging
-from segflow.serve.settings import ServeParams, SettingsError, load_serve_params
+from segflow.serve.settings import ServeParams, SettingsError, load_serve_params, onnx_threads
 
 
 def test_a_user_error_is_one_line_and_exit_1(capsys):
@@ -43,6 +43,15 @@ def test_serve_settings_come_from_the_serve_section_alone(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
+    ("workers", "threads", "cores", "expected"),
+    [(1, 0, 8, 8), (2, 0, 8, 4), (3, 0, 8, 2), (4, 0, 2, 1), (2, 3, 8, 3)],
+)
+def test_workers_share_the_cores_unless_threads_are_set(workers, threads, cores, expected):
+    params = ServeParams(workers=workers, threads=threads)
+    assert onnx_threads(params, cores) == expected
+
+
+@pytest.mark.parametrize(
     ("text", "words"),
     [
         (
@@ -50,6 +59,7 @@ def test_serve_settings_come_from_the_serve_section_alone(tmp_path: Path):
             "serve.max_batch_imges: unknown key; allowed keys here: max_upload",
         ),
         ("serve: {max_batch_images: 0}\n", "serve.max_batch_images"),
+        ("serve: {workers: 0}\n", "serve.workers: Input should be greater than or equal to 1"),
         ("serve: [1, 2]\n", "`serve` must be a mapping"),
         ("- a list\n", "expected a YAML mapping"),
         ("serve: {\n", "not valid YAML"),

@@ -16,8 +16,10 @@ from scipy import ndimage as ndi
 
 from segflow.config import parse_params
 from segflow.data.samples import Sample
+from segflow.train.checkpoints import load_checkpoint
 from segflow.train.epochs import best_epoch, build_scheduler, epoch_seed, seed_epoch, should_stop
 from segflow.train.loop import build_augmentations, train_model
+from segflow.train.precision import Compute, native_bf16
 from segflow.train.resume import ResumeFile, discard, fingerprint
 
 TINY = {
@@ -266,3 +268,35 @@ def test_deterministic_mode_holds_while_training_only(data, tmp_path):
     train_model(_params(epochs=1, deterministic=True), train, val, tmp_path / "model.pt", check)
     assert seen == [True]
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+@pytest.mark.parametrize(
+    ("setting", "native", "expected"),
+    [("fp32", True, "fp32"), ("auto", True, "bf16"), ("auto", False, "fp32"), ("bf16", True, "bf16")],
+)
+def test_training_precision_resolves_by_what_the_cpu_has(setting, native, expected):
+    assert Compute.resolve(setting, False, native=native).precision == expected
+
+
+def test_bf16_on_a_cpu_without_it_falls_back_to_fp32_and_warns(caplog):
+    compute = Compute.resolve("bf16", True, native=False)
+    assert (compute.precision, compute.channels_last) == ("fp32", True)
+    assert "train.precision is bf16 but this CPU has no native bfloat16" in caplog.text
+    assert "training in float32" in caplog.text
+
+
+def test_bf16_channels_last_training_saves_a_float32_checkpoint_that_predicts(data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="segflow")
+    train, val = data
+    history = train_model(
+        _params(epochs=2, precision="bf16", channels_last=True), train, val, tmp_path / "m.pt"
+    )
+    ran = "bf16" if native_bf16() else "fp32"
+    assert f"training in {ran}, channels-last" in caplog.text
+    assert all(np.isfinite(r["train_loss"]) for r in history)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert {t.dtype for t in payload["state_dict"].values() if t.is_floating_point()} == {torch.float32}
+    model, _ = load_checkpoint(tmp_path / "m.pt")  # a contiguous float32 network, as export needs
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 1, 32, 32))
+    assert out.dtype == torch.float32 and out.shape[-2:] == (32, 32)

@@ -41,7 +41,7 @@ with bentoml.importing():
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    from segflow.core.inference import Preprocessing, Segmenter
+    from segflow.core.inference import Preprocessing, Segmenter, to_prediction
     from segflow.core.measurements import channel_count, measure_objects
     from segflow.serve.answers import (
         LABEL_FORMATS,
@@ -58,7 +58,7 @@ with bentoml.importing():
     from segflow.serve.monitoring import RequestLog, intensity_mean, load_reference
     from segflow.serve.precision import choose as choose_precision
     from segflow.serve.precision import warmup_images
-    from segflow.serve.settings import champion_model_tag, load_serve_params
+    from segflow.serve.settings import champion_model_tag, load_serve_params, onnx_threads
     from segflow.serve.slowclients import bound_header_time
     from segflow.serve.uploads import UploadError, UploadLimits, decode_upload
 
@@ -69,6 +69,9 @@ MODEL_TAG = (
     or os.environ.get("SEGFLOW_MODEL_TAG")
     or champion_model_tag(HERE)  # a checkout: its last promotion's model
 )
+# serve section of params.yaml (the Bento carries its copy); read here because the worker
+# count must be known when the service is declared.
+CONFIG = load_serve_params(os.environ.get("SEGFLOW_PARAMS") or HERE / "params.yaml")
 MODEL_TIMEOUT_S = 55.0  # below the 60 s request timeout
 PNG = Annotated[bytes, ContentType("image/png")]
 CSV = Annotated[str, ContentType("text/csv")]
@@ -129,7 +132,7 @@ pages = Starlette(
 )
 
 
-@bentoml.service(name="segflow", traffic={"timeout": 60}, workers=1, threads=16)
+@bentoml.service(name="segflow", traffic={"timeout": 60}, workers=CONFIG.workers, threads=16)
 @bentoml.asgi_app(pages, path="/")
 class SegflowService:
     model = bentoml.models.BentoModel(MODEL_TAG)
@@ -139,8 +142,7 @@ class SegflowService:
 
         logging.getLogger("segflow").setLevel(logging.INFO)  # BentoML's handlers show WARNING and up only
         cv2.setNumThreads(1)  # post-processing stays on the request's thread: the cores are ONNX Runtime's
-        params_file = os.environ.get("SEGFLOW_PARAMS") or HERE / "params.yaml"
-        self.config = load_serve_params(params_file)
+        self.config = CONFIG
         bound_header_time(self.config.header_timeout_s)  # uvicorn has no deadline for headers
         self.limits = UploadLimits.from_params(self.config)
         folder = Path(self.model.path)
@@ -149,14 +151,14 @@ class SegflowService:
         self.segmenter, self.precision = choose_precision(
             folder,
             self.config.precision,
-            lambda path: Segmenter.from_onnx(path, prep, self.config.threads),
+            lambda path: Segmenter.from_onnx(path, prep, onnx_threads(self.config)),
             warmup_images(prep, self.config.model_batch_size),
         )
         precision_info.labels(precision=self.precision.precision).set(1)
         self.segmenter.batch_size = self.config.model_batch_size
         self.segmenter.max_pixels = self.config.max_pixels  # also after rescaling to the trained object size
         self.classes = list(self.segmenter.prep.classes)
-        self.batcher = MicroBatcher(self._predict, self.config.model_batch_size, model_batch_size.observe)
+        self.batcher = MicroBatcher(self._model, self.config.model_batch_size, model_batch_size.observe)
         self.model_info = model_info(dict(self.model.info.labels), str(self.model.tag))
         self.reference = load_reference(folder)
         self.log = RequestLog(_request_log_path(self.config.request_log))
@@ -167,18 +169,23 @@ class SegflowService:
                 "this port. Set it to require 'Authorization: Bearer <token>'."
             )
         log.info(
-            "serving %s (registry version %s) in %s: %s",
+            "serving %s (registry version %s) in %s: %s; %d worker(s), %d ONNX Runtime thread(s) each",
             self.model_info["tag"],
             self.model_info["version"],
             self.precision.precision,
             self.precision.reason,
+            self.config.workers,
+            onnx_threads(self.config),
         )
 
     # -- the model path shared by every endpoint ------------------------------------------
 
-    def _predict(self, items: list[tuple]) -> list:
-        """(image, diameter or None) pairs -> Predictions, in one model call (the batcher's)."""
-        return self.segmenter.predict([image for image, _ in items], diameters=[d for _, d in items])
+    def _model(self, items: list[tuple]) -> list[tuple]:
+        """(image, diameter or None) pairs -> (logits, scale) pairs, in one model call (the
+        batcher's thread). Only the model runs here: post-processing happens on each request's
+        own thread (_segment), so the model never waits for another request's watershed."""
+        logits, scales = self.segmenter.scaled_logits([image for image, _ in items], [d for _, d in items])
+        return list(zip(logits, scales, strict=True))
 
     def _segment(self, files: list[Path], ctx: bentoml.Context, diameter: float | None = None) -> list[tuple]:
         """Decode, validate and segment; returns (image, prediction) per file or raises UploadError.
@@ -193,8 +200,10 @@ class SegflowService:
                 prefix = f"image {index + 1} of {len(files)}: " if len(files) > 1 else ""
                 raise UploadError(exc.status, prefix + exc.reason) from None
         started = time.perf_counter()
-        predictions = self.batcher.submit([(image, diameter) for image in images], timeout=MODEL_TIMEOUT_S)
+        outputs = self.batcher.submit([(image, diameter) for image in images], timeout=MODEL_TIMEOUT_S)
         model_ms = 1000 * (time.perf_counter() - started)
+        # Segmenter.predict's post-processing, as evaluation runs it, on this request's thread.
+        predictions = [to_prediction(logit, self.segmenter.prep, scale) for logit, scale in outputs]
         counts = [int(p.instances.max()) for p in predictions]  # ids are 1..n
         for count in counts:
             objects_per_image.observe(count)
@@ -330,6 +339,7 @@ class SegflowService:
         return {
             "model": self.model_info,
             "precision": self.precision.to_dict(),
+            "runtime": {"workers": self.config.workers, "onnx_threads": onnx_threads(self.config)},
             "test_metrics": dict(info.metadata.get("test_metrics", {})),
             "lineage": {
                 "git_commit": info.labels.get("git_commit"),

@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve import serve  # noqa: E402  (bench/serve.py: starts a server and waits for it)
+from serve import Server  # noqa: E402  (bench/serve.py: starts a server and waits for it)
 
 from segflow.core.images import read_image  # noqa: E402
 from segflow.serve.gatekeeper import UPLOAD_FIELDS  # noqa: E402
@@ -166,8 +166,9 @@ def main() -> int:
     process, url = None, args.url
     if url is None:
         log = Path(tempfile.mkdtemp(prefix="segflow-fuzz-")) / "serve.log"
-        process, url = serve([str(Path(sys.executable).parent / "bentoml"), "serve", "service:svc"],
-                             "/readyz", {"BENTOML_DO_NOT_TRACK": "True"}, Path.cwd(), log)  # fmt: skip
+        server = Server([str(Path(sys.executable).parent / "bentoml"), "serve", "service:svc"],
+                        "/readyz", {"BENTOML_DO_NOT_TRACK": "True"}, log, cwd=Path.cwd())  # fmt: skip
+        process, url = server.process, server.url
         print(f"serving on {url} (log {log})")
     try:
         started = time.perf_counter()
@@ -182,8 +183,7 @@ def main() -> int:
         up = httpx.get(f"{url}/readyz", timeout=10).status_code == 200
     finally:
         if process is not None:
-            process.terminate()
-            process.wait(30)
+            server.stop()
     fives = sum(n for status, n in files["statuses"].items() if status >= 500)
     print(
         f"fuzz: schema cases {schema['cases']} (failures {schema['failures']}), mutated files "

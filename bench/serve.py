@@ -1,16 +1,28 @@
-"""Serving benchmark: raw ONNX Runtime vs the running service vs a naive FastAPI+torch app.
+"""Serving benchmark, side by side: raw ONNX Runtime (fp32 and INT8), the running service
+(each precision, 1 and 2 workers) and a naive FastAPI+torch app, on one machine in one run.
 
     python bench/serve.py                       # champion from the BentoML store, data/images
-    python bench/serve.py --requests 200 --json bench/serve.json
+    python bench/serve.py --requests 240 --json bench/serve.json
 
-Measures, in one run on this machine and on the same 256x256 images:
-  1. raw ONNX Runtime in-process: p50 latency of one image, and the best throughput over
-     batch sizes 1-16 (model call only: the floor any server adds to);
-  2. `bentoml serve service:svc` (POST /segment, full JSON answer) at concurrency 1 and 8;
-  3. the naive baseline (bench/naive_app.py: FastAPI, torch, one model call per request)
+Measures, on the same 256x256 images:
+  1. raw ONNX Runtime in-process, for fp32 and for the INT8 variant (when export shipped
+     one): p50 latency of one image, and the best throughput over batch sizes 1-16 (model
+     call only: the floor any server adds to);
+  2. `bentoml serve service:svc` (POST /segment, full JSON answer) at concurrency 1 and 8,
+     with serve.precision forced to fp32 and to int8 (one worker);
+  3. the service as configured (serve.precision auto) with 2 workers, at concurrency 8;
+     its /metadata says which precision `auto` chose here;
+  4. the naive baseline (bench/naive_app.py: FastAPI, torch, one model call per request)
      at concurrency 1 and 8.
-Then checks the targets: service p50 at concurrency 1 <= 1.25 x raw + 10 ms, and service
-throughput at concurrency 8 >= 0.8 x raw best batched throughput.
+Each line also gives the CPU seconds spent per image (the server's whole process tree for
+the servers; the load generator is not counted). Ends with
+
+    ratios: service/raw=... service/naive=... int8/fp32=...
+
+(service at concurrency 8, one worker, in the precision auto chose, against raw best of that
+precision; against the naive peer at concurrency 8; raw best INT8 against raw best fp32) and
+checks the targets: service/raw >= 0.9, service p50 at concurrency 1 <= raw p50 + 8 ms,
+service/naive >= 3, int8/fp32 >= 2 (the last only where an INT8 variant exists).
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,7 +47,10 @@ sys.path.insert(0, str(ROOT))
 from segflow.core.images import read_image  # noqa: E402
 from segflow.core.inference import Segmenter, normalize  # noqa: E402
 from segflow.core.tiling import pad_to_multiple  # noqa: E402
+from segflow.serve.precision import FP32_FILE, INT8_FILE, usable_int8  # noqa: E402
 from segflow.serve.settings import champion_model_tag  # noqa: E402
+
+BATCHES = (1, 2, 4, 8, 16)
 
 
 def champion_dir() -> Path:
@@ -45,34 +61,43 @@ def champion_dir() -> Path:
     return Path(bentoml.models.get(tag).path)
 
 
-def raw_onnxruntime(model_dir: Path, images: list[np.ndarray], repeats: int) -> dict:
-    segmenter = Segmenter.from_onnx(model_dir / "model.onnx", model_dir / "preprocessing.json")
+def raw_onnxruntime(model_dir: Path, model_file: str, images: list[np.ndarray], repeats: int) -> dict:
+    """Model calls only, in this process: p50 of one image, throughput by batch size, and the
+    CPU seconds (all of ONNX Runtime's threads) per image at batch 1 and at the best batch."""
+    segmenter = Segmenter.from_onnx(model_dir / model_file, model_dir / "preprocessing.json")
     prep = segmenter.prep
     inputs = [pad_to_multiple(normalize(img, prep), prep.pad_multiple) for img in images]
     run = segmenter._run_batch  # the bare session.run: model call only
     for x in inputs[:3]:
         run(x[None])
     single = []
+    cpu = time.process_time()
     for i in range(repeats):
         started = time.perf_counter()
         run(inputs[i % len(inputs)][None])
         single.append(1000 * (time.perf_counter() - started))
-    throughput = {}
-    for size in (1, 2, 4, 8, 16):
+    cpu_single = (time.process_time() - cpu) / repeats
+    throughput, cpu_per_image = {}, {}
+    for size in BATCHES:
         batch = np.stack([inputs[i % len(inputs)] for i in range(size)])
         run(batch)
         times = []
+        cpu = time.process_time()
         for _ in range(max(3, repeats // size)):
             started = time.perf_counter()
             run(batch)
             times.append(time.perf_counter() - started)
+        cpu_per_image[size] = (time.process_time() - cpu) / (len(times) * size)
         throughput[size] = size / float(np.median(times))
     best = max(throughput, key=throughput.get)
     return {
         "p50_ms": round(float(np.percentile(single, 50)), 2),
+        "batch1_throughput": round(1000 / float(np.median(single)), 2),
+        "cpu_s_per_image_batch1": round(cpu_single, 4),
         "throughput_by_batch": {k: round(v, 2) for k, v in throughput.items()},
         "best_batch": best,
         "best_throughput": round(throughput[best], 2),
+        "cpu_s_per_image": round(cpu_per_image[best], 4),
     }
 
 
@@ -82,7 +107,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
     import httpx
 
     deadline = time.time() + timeout
@@ -108,11 +133,27 @@ def multipart(field: str, name: str, data: bytes) -> tuple[bytes, str]:
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def load_test(url: str, field: str, files: list[bytes], concurrency: int, requests: int) -> dict:
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (BentoML's workers)."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def load_test(url: str, field: str, files: list[bytes], concurrency: int, requests: int, pid: int) -> dict:
     """`requests` POSTs spread over `concurrency` threads, each with a keep-alive connection.
 
     Bodies are encoded up front and sent with http.client, so the load generator (which
-    shares the machine's cores with the server) spends as little CPU as possible.
+    shares the machine's cores with the server) spends as little CPU as possible. The
+    server's CPU seconds (process `pid` and its children) are read around the timed part.
     """
     import http.client
     from urllib.parse import urlsplit
@@ -146,9 +187,10 @@ def load_test(url: str, field: str, files: list[bytes], concurrency: int, reques
                 (latencies if status == 200 else failures).append(elapsed)
 
     warm = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    for i in range(4):
+    for i in range(2 * concurrency):  # every worker process and batch size has run once
         post(warm, i)
     warm.close()
+    cpu = tree_cpu_seconds(pid)
     started = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
@@ -156,6 +198,7 @@ def load_test(url: str, field: str, files: list[bytes], concurrency: int, reques
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    cpu = tree_cpu_seconds(pid) - cpu
     return {
         "concurrency": concurrency,
         "requests": requests,
@@ -163,17 +206,137 @@ def load_test(url: str, field: str, files: list[bytes], concurrency: int, reques
         "p50_ms": round(float(np.percentile(latencies, 50)), 2),
         "p90_ms": round(float(np.percentile(latencies, 90)), 2),
         "throughput": round(len(latencies) / wall, 2),
+        "cpu_s_per_image": round(cpu / max(1, len(latencies)), 4),
     }
 
 
-def serve(cmd: list[str], ready_path: str, env: dict, cwd: Path, log: Path):
-    port = free_port()
-    process = subprocess.Popen(
-        [*cmd, "--port", str(port)], cwd=cwd, env={**os.environ, **env},
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    wait_ready(f"http://127.0.0.1:{port}{ready_path}", process)
-    return process, f"http://127.0.0.1:{port}"
+class Server:
+    """A server process on a free loopback port, stopped on exit."""
+
+    def __init__(self, cmd: list[str], ready_path: str, env: dict, log: Path, cwd: Path = ROOT):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [*cmd, "--port", str(self.port)], cwd=cwd, env={**os.environ, **env},
+            stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.log = log
+        try:
+            wait_ready(self.url + ready_path, self.process)
+        except RuntimeError as exc:
+            self.stop()
+            raise SystemExit(f"{exc}; its log:\n{log.read_text()[-3000:]}") from None
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def service_params(tmp: Path, precision: str, workers: int) -> Path:
+    """A copy of params.yaml with serve.precision and serve.workers set (SEGFLOW_PARAMS)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["serve"] |= {"precision": precision, "workers": workers}
+    path = tmp / f"params-{precision}-{workers}.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def bench_service(tmp: Path, precision: str, workers: int, files, concurrencies, requests) -> dict:
+    """The service (POST /segment) with one precision setting and worker count."""
+    env = {
+        "SEGFLOW_PARAMS": str(service_params(tmp, precision, workers)),
+        "SEGFLOW_REQUEST_LOG": str(tmp / f"requests-{precision}-{workers}.db"),
+        "SEGFLOW_API_TOKEN": "",  # empty: no token asked (service.py)
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+    bentoml_bin = str(Path(sys.executable).parent / "bentoml")
+    log = tmp / f"serve-{precision}-{workers}.log"
+    with Server([bentoml_bin, "serve", "service:svc"], "/readyz", env, log) as server:
+        import httpx
+
+        metadata = httpx.get(server.url + "/metadata", timeout=30).json()
+        result = {
+            "precision": metadata["precision"]["precision"],
+            "reason": metadata["precision"]["reason"],
+            "workers": workers,
+        }
+        for c in concurrencies:
+            result[f"c{c}"] = load_test(
+                f"{server.url}/segment", "image", files, c, requests, server.process.pid
+            )
+    return result
+
+
+def bench_naive(tmp: Path, checkpoint: Path, files, requests) -> dict:
+    if not checkpoint.is_file():
+        raise SystemExit(f"{checkpoint}: no checkpoint for the naive baseline; run `dvc repro`")
+    env = {"SEGFLOW_CHECKPOINT": str(checkpoint), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "uvicorn", "bench.naive_app:app", "--log-level", "warning"]
+    with Server(cmd, "/docs", env, tmp / "naive.log") as server:
+        return {
+            f"c{c}": load_test(f"{server.url}/segment_mask", "image", files, c, requests, server.process.pid)
+            for c in (1, 8)
+        }
+
+
+def row(name: str, p50: float | None, throughput: float, cpu: float) -> str:
+    p50_text = f"{p50:8.2f}" if p50 is not None else f"{'':8}"
+    return f"{name:<42} {p50_text} {throughput:8.2f} {cpu:10.4f}"
+
+
+def table(results: dict) -> list[str]:
+    """The side-by-side table: p50 ms, img/s and CPU s/img per line."""
+    lines = [f"{'':<42} {'p50 ms':>8} {'img/s':>8} {'CPU s/img':>10}"]
+    for precision, raw in results["raw_onnxruntime"].items():
+        lines.append(row(f"raw ONNX Runtime {precision}, batch 1", raw["p50_ms"], raw["batch1_throughput"],
+                         raw["cpu_s_per_image_batch1"]))  # fmt: skip
+        lines.append(row(f"raw ONNX Runtime {precision}, best batch ({raw['best_batch']})", None,
+                         raw["best_throughput"], raw["cpu_s_per_image"]))  # fmt: skip
+    for name, run in results["service"].items():
+        for key in ("c1", "c8"):
+            if key in run:
+                r = run[key]
+                label = f"service {name}, concurrency {key[1:]}"
+                lines.append(row(label, r["p50_ms"], r["throughput"], r["cpu_s_per_image"]))
+    for key, r in results.get("naive_fastapi_torch", {}).items():
+        lines.append(row(f"naive FastAPI + torch, concurrency {key[1:]}", r["p50_ms"], r["throughput"],
+                         r["cpu_s_per_image"]))  # fmt: skip
+    return lines
+
+
+def targets(results: dict) -> tuple[dict, str]:
+    """The issue's targets, and the one-line ratios summary."""
+    raw, service = results["raw_onnxruntime"], results["service"]
+    served = results["auto_precision"]  # what `auto` chose on this machine
+    ours = service[f"{served} 1 worker"]
+    raw_served = raw[served]
+    found = {
+        "service/raw": (ours["c8"]["throughput"] / raw_served["best_throughput"], 0.9),
+        "c1 p50 - raw p50 (ms)": (ours["c1"]["p50_ms"] - raw_served["p50_ms"], 8.0),
+    }
+    if "naive_fastapi_torch" in results:
+        found["service/naive"] = (
+            ours["c8"]["throughput"] / results["naive_fastapi_torch"]["c8"]["throughput"],
+            3.0,
+        )
+    if "int8" in raw:
+        found["int8/fp32"] = (raw["int8"]["best_throughput"] / raw["fp32"]["best_throughput"], 2.0)
+    checks = {
+        name: {"value": round(value, 2), "bound": bound,
+               "met": value <= bound if name.startswith("c1") else value >= bound}
+        for name, (value, bound) in found.items()
+    }  # fmt: skip
+    ratios = " ".join(f"{name}={t['value']:.2f}" for name, t in checks.items() if "/" in name)
+    return checks, f"ratios: {ratios}"
 
 
 def main() -> int:
@@ -194,64 +357,41 @@ def main() -> int:
     files = [p.read_bytes() for p in paths]
     images = [read_image(p) for p in paths]
     model_dir = champion_dir()
-    shape = images[0].shape
-    print(f"model {model_dir}\nimages {len(images)} x {shape}, {os.cpu_count()} CPUs")
+    has_int8, why_not = usable_int8(model_dir)
+    precisions = ("fp32", "int8") if has_int8 else ("fp32",)
+    print(f"model {model_dir}\nimages {len(images)} x {images[0].shape}, {os.cpu_count()} CPUs")
+    if not has_int8:
+        print(f"no INT8 lines: {why_not}")
 
-    results: dict = {"image_shape": list(shape), "cpus": os.cpu_count()}
-    results["raw_onnxruntime"] = raw = raw_onnxruntime(model_dir, images, args.requests)
-    best = f"{raw['best_throughput']} img/s at batch {raw['best_batch']}"
-    print(f"raw ONNX Runtime: p50 {raw['p50_ms']} ms; best {best}")
-
+    results: dict = {"image_shape": list(images[0].shape), "cpus": os.cpu_count(), "requests": args.requests}
+    files_by_precision = {"fp32": FP32_FILE, "int8": INT8_FILE}
+    results["raw_onnxruntime"] = {
+        p: raw_onnxruntime(model_dir, files_by_precision[p], images, args.requests) for p in precisions
+    }
+    results["service"] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        env = {"SEGFLOW_REQUEST_LOG": f"{tmp}/requests.db", "BENTOML_DO_NOT_TRACK": "True"}
-        env.pop("SEGFLOW_API_TOKEN", None)
-        bentoml_bin = str(Path(sys.executable).parent / "bentoml")
-        process, url = serve(
-            [bentoml_bin, "serve", "service:svc"], "/readyz", env, ROOT, Path(tmp) / "serve.log"
-        )
-        try:
-            results["service"] = {
-                f"c{c}": load_test(f"{url}/segment", "image", files, c, args.requests) for c in (1, 8)
-            }
-        finally:
-            process.terminate()
-            process.wait(30)
-        for c, r in results["service"].items():
-            print(
-                f"service /segment {c}: p50 {r['p50_ms']} ms, {r['throughput']} img/s, {r['failures']} failed"
+        tmp = Path(tmp)
+        for precision in precisions:
+            results["service"][f"{precision} 1 worker"] = bench_service(
+                tmp, precision, 1, files, (1, 8), args.requests
             )
-
+        auto = bench_service(tmp, "auto", 2, files, (8,), args.requests)
+        results["auto_precision"] = auto["precision"]
+        results["service"][f"auto ({auto['precision']}) 2 workers"] = auto
         if not args.skip_naive:
-            if not args.checkpoint.is_file():
-                raise SystemExit(f"{args.checkpoint}: no checkpoint for the naive baseline; run `dvc repro`")
-            env = {"SEGFLOW_CHECKPOINT": str(args.checkpoint), "PYTHONPATH": str(ROOT)}
-            cmd = [sys.executable, "-m", "uvicorn", "bench.naive_app:app", "--log-level", "warning"]
-            process, url = serve(cmd, "/docs", env, ROOT, Path(tmp) / "naive.log")
-            try:
-                results["naive_fastapi_torch"] = {
-                    f"c{c}": load_test(f"{url}/segment_mask", "image", files, c, args.requests)
-                    for c in (1, 8)
-                }
-            finally:
-                process.terminate()
-                process.wait(30)
-            for c, r in results["naive_fastapi_torch"].items():
-                print(f"naive FastAPI+torch {c}: p50 {r['p50_ms']} ms, {r['throughput']} img/s")
+            results["naive_fastapi_torch"] = bench_naive(tmp, args.checkpoint, files, args.requests)
 
-    latency_bound = 1.25 * raw["p50_ms"] + 10
-    throughput_bound = 0.8 * raw["best_throughput"]
-    service = results["service"]
-    results["targets"] = {
-        "latency_c1": {"value": service["c1"]["p50_ms"], "bound": round(latency_bound, 2),
-                       "met": service["c1"]["p50_ms"] <= latency_bound},
-        "throughput_c8": {"value": service["c8"]["throughput"], "bound": round(throughput_bound, 2),
-                          "met": service["c8"]["throughput"] >= throughput_bound},
-    }  # fmt: skip
-    for name, t in results["targets"].items():
-        print(f"target {name}: {t['value']} vs bound {t['bound']}: {'met' if t['met'] else 'MISSED'}")
+    print("\n".join(table(results)))
+    print(f"auto chose {auto['precision']}: {auto['reason']}")
+    checks, ratios = targets(results)
+    results["targets"] = checks
+    for name, t in checks.items():
+        relation = "<=" if name.startswith("c1") else ">="
+        print(f"target {name} {relation} {t['bound']}: {t['value']}: {'met' if t['met'] else 'MISSED'}")
+    print(ratios)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return 0 if all(t["met"] for t in results["targets"].values()) else 1
+    return 0 if all(t["met"] for t in checks.values()) else 1
 
 
 if __name__ == "__main__":

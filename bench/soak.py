@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve import multipart, serve  # noqa: E402  (bench/serve.py)
+from serve import Server, multipart  # noqa: E402  (bench/serve.py)
 
 ENDPOINTS = ("/segment", "/segment_mask", "/segment_labels", "/segment_batch")
 MAX_GROWTH = 0.05
@@ -189,8 +189,9 @@ def main() -> int:
     process, url, pid = None, args.url, args.pid
     if url is None:
         log = Path(tempfile.mkdtemp(prefix="segflow-soak-")) / "serve.log"
-        process, url = serve([str(Path(sys.executable).parent / "bentoml"), "serve", "service:svc"],
-                             "/readyz", {"BENTOML_DO_NOT_TRACK": "True"}, Path.cwd(), log)  # fmt: skip
+        server = Server([str(Path(sys.executable).parent / "bentoml"), "serve", "service:svc"],
+                        "/readyz", {"BENTOML_DO_NOT_TRACK": "True"}, log, cwd=Path.cwd())  # fmt: skip
+        process, url = server.process, server.url
         pid = process.pid
         print(f"serving on {url} (log {log}), {os.cpu_count()} CPUs")
     try:
@@ -198,8 +199,7 @@ def main() -> int:
         alive = process is None or process.poll() is None
     finally:
         if process is not None:
-            process.terminate()
-            process.wait(30)
+            server.stop()
     rss = result["rss_mb"]
     print(
         f"soak: {result['requests']} requests in {result['seconds']:.0f} s at concurrency "

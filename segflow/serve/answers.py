@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict
 
 import cv2
 import numpy as np
 
 from segflow.core.inference import Prediction
 from segflow.core.measurements import channel_count, measure_objects, measurement_columns
-from segflow.core.objects import class_name, coco_rle, describe_objects, draw_outlines
+from segflow.core.objects import SegmentedObject, class_name, coco_rle, describe_objects, draw_outlines
 
 ANSWER_VERSION = 1
+
+
+def _object_json(obj: SegmentedObject, classes: list[str]) -> dict:
+    """One object as the answer lists it. Built field by field: dataclasses.asdict deep-copies
+    every polygon, a third of the answer's cost for images with many objects."""
+    return {
+        "id": obj.id,
+        "class_id": obj.class_id,
+        "area": obj.area,
+        "bbox": list(obj.bbox),
+        "polygon": obj.polygon,
+        "score": obj.score,
+        "class": class_name(classes, obj.class_id),
+    }
 
 
 def answer(
@@ -40,7 +53,7 @@ def answer(
     """
     mask = prediction.mask
     objects = [
-        {**asdict(obj), "bbox": list(obj.bbox), "class": class_name(classes, obj.class_id)}
+        _object_json(obj, classes)
         for obj in describe_objects(prediction.instances, mask, prediction.probability)
     ]
     if measurements:

@@ -1,15 +1,18 @@
-"""The reliability drills in bench/ (fuzz and soak), bounded, against a real `bentoml serve`.
+"""The reliability drills in bench/ (fuzz and soak), bounded, against a real `bentoml serve`
+with two workers (serve.workers: 2).
 
 The full runs, whose figures the README reports, are the same scripts with their defaults.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import ROOT
@@ -20,9 +23,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(built_repo: Path, tmp_path_factory):
-    """A server of its own: the drills' thousands of odd images must not reach the request log
-    (and drift statistics) the other service tests read."""
-    srv = start_server(built_repo, tmp_path_factory.mktemp("serve-drills"))
+    """A server of its own, with two workers: the drills' thousands of odd images must not reach
+    the request log (and drift statistics) the other service tests read, and they load both."""
+    srv = start_server(built_repo, tmp_path_factory.mktemp("serve-drills"), serve={"workers": 2})
     yield srv
     stop_server(srv)
 
@@ -55,3 +58,13 @@ def test_short_soak_has_no_errors_and_flat_memory(server, built_repo: Path):
     summary = result.stdout.strip().splitlines()[-1]
     found = re.search(r"soak: (\d+) requests .* errors 0, .* server RSS (\d+) -> (\d+) MB", summary)
     assert found and int(found.group(1)) > 20 and int(found.group(2)) > 50, summary
+
+
+def test_two_workers_each_serve_the_model_on_their_share_of_the_cores(server):
+    cores = len(os.sched_getaffinity(0))
+    metadata = httpx.get(f"{server.url}/metadata", timeout=30).json()
+    assert metadata["runtime"] == {"workers": 2, "onnx_threads": max(1, cores // 2)}
+    # Each worker process opened the model and said so once.
+    started = [line for line in server.log.read_text().splitlines() if "worker(s)" in line]
+    assert len(started) == 2, "\n".join(started)
+    assert all(f"2 worker(s), {max(1, cores // 2)} ONNX Runtime thread(s) each" in line for line in started)

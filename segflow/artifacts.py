@@ -128,11 +128,23 @@ def run_stage(main: Callable[[], None]) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         print(
             f"error: the MLflow store {tracking.tracking_uri()} failed: {first} "
-            "(SEGFLOW_LOG_LEVEL=DEBUG shows the traceback)",
+            f"(SEGFLOW_LOG_LEVEL=DEBUG shows the traceback){_lock_hint(exc)}",
             file=sys.stderr,
         )
         _print_restore_hint()
         sys.exit(1)
+
+
+def _lock_hint(exc: BaseException) -> str:
+    """What to do when an SQLite store stayed locked past MLflow's own wait (it sets SQLite's
+    busy_timeout to 20 s, so concurrent writers normally just queue)."""
+    if "database is locked" not in f"{exc} {exc.__cause__} {exc.__context__}":
+        return ""
+    return (
+        "; another process held the SQLite store's write lock for over 20 s. Run again (a killed "
+        "training resumes), or give several writers at once (dvc queue start -j N, a team) a "
+        "tracking server: make mlflow-server, then MLFLOW_TRACKING_URI=http://127.0.0.1:5000"
+    )
 
 
 def _store_failure(exc: BaseException | None) -> bool:

@@ -29,7 +29,14 @@ from segflow.artifacts import (
 )
 from segflow.config import GATE_METRICS, Params
 from segflow.release import bento, kubernetes, stores, tracking
-from segflow.release.gate import CHAMPION, decide, move_champion, roll_back_champion, version_with_alias
+from segflow.release.gate import (
+    CHAMPION,
+    Decision,
+    decide,
+    move_champion,
+    roll_back_champion,
+    version_with_alias,
+)
 from segflow.serve.precision import INT8_FILE
 from segflow.serve.settings import RELEASE_RECORD
 
@@ -46,11 +53,12 @@ _RUN_SPECIFIC = ("already_champion", "previous_champion", "bento", "serving")
 def promote(params: Params) -> dict:
     """Run the gate for the exported candidate and act on its decision.
 
-    The decision is made against the champion as read at the start; acting on it (tags, the
-    alias, the Bento, the reports) happens under the store's promotion lock, after checking
-    that `champion` is still where it was read. A promotion that lost that race changes
-    nothing and fails, so concurrent promotions move the alias once each decision and the
-    report, the alias and the Bento never disagree.
+    Deciding and acting (tags, the alias, the Bento, the reports) happen under the store's
+    promotion lock, so concurrent promotions (parallel experiments, several checkouts) take
+    turns and each decides against the champion the previous one left. A champion moved
+    between reading and acting by someone outside the lock (a promotion on another machine
+    against a server) makes this one change nothing and fail, so the report, the alias and
+    the Bento never disagree.
 
     Returns:
         The full report: what reports/promotion.json holds (decision, checks, the candidate's
@@ -64,13 +72,26 @@ def promote(params: Params) -> dict:
     stores.check_bentoml_store()  # before anything moves: the alias must not get ahead of the Bento
     client = mlflow.tracking.MlflowClient()
     name = params.export.registered_model_name
+    with promotion_lock(name):
+        holder = version_with_alias(client, name, CHAMPION)
+        report, decision = _decide(client, params, holder)
+        _check_champion_unmoved(client, name, holder)
+        _act(client, report, decision)
+        write_json(PROMOTION_REPORT, reproducible(report))
+        write_json(RELEASE_RECORD, report)
+    _log_run(params, report)
+    return report
+
+
+def _decide(client, params: Params, holder) -> tuple[dict, Decision]:
+    """The gate's decision for the exported candidate against `holder` (the champion's
+    version, or None), and the report describing it."""
+    name = params.export.registered_model_name
     version = _candidate_version(client, name)
     onnx_sha256 = tracking.file_sha256(EXPORT / "model.onnx")
     prep_sha256 = tracking.file_sha256(EXPORT / "preprocessing.json")
     candidate = _gate_metrics(read_json(REPORTS / "metrics.json")["test"])
     test_hash = read_json(SPLIT / "summary.json")["test_hash"]
-
-    holder = version_with_alias(client, name, CHAMPION)
     same_files = {
         tracking.ONNX_KEY_TAG: onnx_sha256,
         tracking.PREP_KEY_TAG: prep_sha256,
@@ -101,16 +122,10 @@ def promote(params: Params) -> dict:
         "already_champion": holder is not None and str(holder.version) == version,
         "test_hash": test_hash,
     }
-    with promotion_lock(name):
-        _check_champion_unmoved(client, name, holder)
-        _act(client, report, decision)
-        write_json(PROMOTION_REPORT, reproducible(report))
-        write_json(RELEASE_RECORD, report)
-    _log_run(params, report)
-    return report
+    return report, decision
 
 
-def _act(client, report: dict, decision) -> None:
+def _act(client, report: dict, decision: Decision) -> None:
     """Record the decision on the candidate's version; if it passed, move the alias and build
     the Bento. Fills report's previous_champion, bento and serving."""
     name, version = report["candidate"]["name"], report["candidate"]["version"]
@@ -135,7 +150,9 @@ def promotion_lock(name: str) -> Iterator[None]:
     """One promotion at a time per tracking store on this machine: an exclusive lock on a file
     beside the SQLite store (shared by every checkout that logs to it), or, for a server, in
     the temporary folder. Promotions on other machines against a server are kept apart by
-    _check_champion_unmoved alone: MLflow's registry has no compare-and-set of its own."""
+    _check_champion_unmoved alone: MLflow's registry has no compare-and-set of its own.
+    Deciding under the lock may evaluate the champion on the test split (when its recorded
+    metrics are not comparable); others wait meanwhile, and say so."""
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///")).with_suffix(".promote.lock")
@@ -158,15 +175,15 @@ def promotion_lock(name: str) -> Iterator[None]:
 
 def _check_champion_unmoved(client, name: str, read) -> None:
     """Raise StageError if `champion` has left the version (or absence) the decision was made
-    against: another promotion or a rollback acted meanwhile."""
+    against: something outside this machine's promotion lock moved it meanwhile."""
     now = version_with_alias(client, name, CHAMPION)
     before = None if read is None else str(read.version)
     after = None if now is None else str(now.version)
     if before != after:
         raise StageError(
             f"{name}'s champion moved from {before or 'none'} to version {after or 'none'} while this "
-            "promotion was deciding against it (another promotion or a rollback acted first); nothing "
-            "was changed: run promote again to decide against the new champion"
+            "promotion was deciding against it (a promotion or rollback on another machine acted "
+            "first); nothing was changed: run promote again to decide against the new champion"
         )
 
 

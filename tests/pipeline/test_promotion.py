@@ -150,12 +150,11 @@ def test_service_limit_change_rebuilds_the_bento_on_the_same_model(repo_copy: Pa
     assert yaml.safe_load(shipped.read_text())["serve"]["max_pixels"] == 1_000_000
 
 
-def test_concurrent_promotions_move_champion_once_and_agree_with_their_records(
-    repo_copy: Path, tmp_path: Path
-):
+def test_concurrent_promotions_take_turns_and_agree_with_their_records(repo_copy: Path, tmp_path: Path):
     """Two checkouts with different candidates promote at once into one MLflow store and one
-    BentoML store. Both decide against version 1; the first to act moves `champion` and
-    builds a Bento; the other finds the champion moved, changes nothing and says so."""
+    BentoML store (as parallel experiments do). They take turns: the first decides against
+    version 1 and moves `champion`; the second decides against the champion the first left.
+    Each record, the alias and the Bentos agree."""
     shared = {
         "MLFLOW_TRACKING_URI": f"sqlite:///{repo_copy / 'mlflow.db'}",
         "BENTOML_HOME": str(repo_copy / ".bentoml"),
@@ -174,9 +173,8 @@ def test_concurrent_promotions_move_champion_once_and_agree_with_their_records(
         run(["dvc", "repro", "export"], checkout, env=shared)  # registers version 2, then 3
         checkouts.append(checkout)
     bentos_before = len(json.loads(run(["bentoml", "list", "-o", "json"], repo_copy, env=shared).stdout))
-    records_before = [(c / "reports/promotion.json").read_bytes() for c in checkouts]
 
-    # Hold the store's promotion lock until both have decided, so they truly race.
+    # Hold the store's promotion lock until both wait for it, so they truly arrive together.
     with (repo_copy / "mlflow.promote.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         env = {**os.environ, **shared, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
@@ -195,23 +193,33 @@ def test_concurrent_promotions_move_champion_once_and_agree_with_their_records(
     codes = [p.wait(timeout=600) for p in procs]
     outputs = [(c / "promote.out").read_text() for c in checkouts]
 
-    assert sorted(codes) == [0, 1], outputs
-    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
-    assert "champion moved from 1 to version" in outputs[loser] and "run promote again" in outputs[loser]
-    assert "Traceback" not in outputs[loser]
-    report = _report(checkouts[winner])
-    champion = _champion(repo_copy)
-    assert report["decision"]["promote"] and report["candidate"]["version"] == champion != "1"
-    assert report["previous_champion"] == "1"
-    assert _decision(checkouts[winner])["candidate"]["onnx_sha256"] == report["candidate"]["onnx_sha256"]
+    assert codes == [0, 0], outputs
+    reports = [_report(c) for c in checkouts]
+    first = 0 if reports[0]["previous_champion"] == "1" else 1  # the one that took the lock first
+    second = 1 - first
+    # Both passed (regressions allowed here): the champion moved twice, each time from where it was.
+    assert reports[second]["champion"]["version"] == reports[first]["candidate"]["version"]
+    assert reports[second]["previous_champion"] == reports[first]["candidate"]["version"]
+    assert _champion(repo_copy) == reports[second]["candidate"]["version"]
+    for checkout, report in zip(checkouts, reports, strict=True):
+        assert _decision(checkout)["candidate"]["onnx_sha256"] == report["candidate"]["onnx_sha256"]
+        built = json.loads(
+            run(["bentoml", "get", report["bento"]["bento_tag"], "-o", "json"], repo_copy, env=shared).stdout
+        )
+        assert built["labels"]["registry_version"] == report["candidate"]["version"]
     bentos = json.loads(run(["bentoml", "list", "-o", "json"], repo_copy, env=shared).stdout)
-    assert len(bentos) == bentos_before + 1  # one Bento: the one decision that acted
-    built = json.loads(
-        run(["bentoml", "get", report["bento"]["bento_tag"], "-o", "json"], repo_copy, env=shared).stdout
-    )
-    assert built["labels"]["registry_version"] == champion
-    # The loser changed nothing: its record, and its candidate's version in the registry.
-    assert (checkouts[loser] / "reports/promotion.json").read_bytes() == records_before[loser]
-    versions = _client(repo_copy).search_model_versions("name='segflow-segmenter'")
-    unjudged = [v for v in versions if str(v.version) not in ("1", champion)]
-    assert len(unjudged) == 1 and "validation_status" not in unjudged[0].tags
+    assert len(bentos) == bentos_before + 2  # one Bento per decision that promoted
+
+
+def test_a_champion_moved_outside_the_lock_stops_the_promotion_before_it_acts(built_repo: Path):
+    # Another machine promoting against a shared server is not held by this machine's lock:
+    # the alias is compared again just before acting, and a moved champion stops it.
+    from segflow.errors import UserError
+    from segflow.release.gate import version_with_alias
+    from segflow.release.promote import _check_champion_unmoved
+
+    client = _client(built_repo)
+    now = version_with_alias(client, "segflow-segmenter", "champion")
+    _check_champion_unmoved(client, "segflow-segmenter", now)  # unmoved: nothing to say
+    with pytest.raises(UserError, match=r"champion moved from none to version 1 .* run promote again"):
+        _check_champion_unmoved(client, "segflow-segmenter", None)  # read before there was one

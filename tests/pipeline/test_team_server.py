@@ -118,3 +118,30 @@ def test_pipeline_promotion_rollback_and_predict_run_unchanged_against_the_serve
     image = sorted((repo / "data/images").glob("*.png"))[0]
     out = run(["segflow", "predict", str(image), "--out", "predictions"], repo, env=env)
     assert "objects" in out.stdout and (repo / "predictions" / f"{image.stem}_labels.png").is_file()
+
+    # Parallel experiments: two queued runs under `dvc queue start -j 2` both land in the
+    # server, each with its own parameters and metrics.
+    for name, lr in (("lr-low", 0.002), ("lr-high", 0.004)):
+        run(["dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "-n", name], repo, env=env)
+    run(["dvc", "queue", "start", "-j", "2"], repo, env=env)
+    deadline = time.monotonic() + 900
+    while True:
+        status = run(["dvc", "queue", "status"], repo, env=env).stdout
+        if status.count("Success") == 2 or "Failed" in status or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    logs = run(["dvc", "queue", "logs", "lr-low"], repo, check=False).stdout
+    assert status.count("Success") == 2, status + logs
+    for name, lr in (("lr-low", 0.002), ("lr-high", 0.004)):
+        runs = api.post(
+            "/runs/search",
+            json={
+                "experiment_ids": [experiment["experiment_id"]],
+                "filter": f"tags.`segflow.dvc_experiment` = '{name}'",
+            },
+        ).json()["runs"]
+        by_stage = {_tags(r["data"])["segflow.stage"]: r["data"] for r in runs}
+        assert {"model", "train", "evaluate", "export", "promote"} <= set(by_stage), sorted(by_stage)
+        assert {p["key"]: p["value"] for p in by_stage["train"]["params"]}["train.lr"] == str(lr)
+        metrics = {m["key"]: m["value"] for m in by_stage["model"]["metrics"]}
+        assert 0 <= metrics["test_dice"] <= 1 and "test_ap50" in metrics

@@ -173,3 +173,28 @@ def test_a_stage_fails_in_one_line_before_any_work(tmp_path):
         "start it (mlflow server ...), fix MLFLOW_TRACKING_URI, "
         "or unset it to log to the repository's mlflow.db"
     ]
+
+
+def test_a_store_locked_too_long_mid_run_ends_the_stage_in_one_line_with_what_to_do(tmp_path):
+    # MLflow itself waits 20 s for SQLite's write lock (busy_timeout); a holder that keeps it longer
+    # (here: this test, mid-stage) fails the stage with the lock named and the way out.
+    store = tmp_path / "mlflow.db"
+    code = f"""
+import sqlite3, mlflow
+from segflow.artifacts import run_stage
+
+def main():
+    mlflow.set_experiment("locked")  # creates the store's tables while it is free
+    holder = sqlite3.connect({str(store)!r})
+    holder.execute("BEGIN IMMEDIATE")  # another writer that does not let go
+    mlflow.set_experiment("another")
+
+run_stage(main)
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", code]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the MLflow store sqlite:///{store} failed: ")
+    assert "database is locked" in last and "make mlflow-server" in last

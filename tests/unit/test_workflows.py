@@ -55,3 +55,23 @@ def test_ci_runs_the_readme_test_command_and_promote_is_strict():
     smoke = next(i for i, n in enumerate(steps) if n.startswith("Smoke-test the container"))
     assert smoke < steps.index("Push")
     assert "/readyz" in promote_runs and "/segment" in promote_runs
+
+
+def test_promote_pulls_from_and_pushes_to_the_remote_its_secrets_name():
+    promote = yaml.safe_load((ROOT / ".github/workflows/promote.yml").read_text())
+    job = promote["jobs"]["promote"]
+    assert job["env"]["DVC_REMOTE_URL"] == "${{ secrets.DVC_REMOTE_URL }}"
+    runs = [s.get("run", "") for s in job["steps"]]
+    at = {name: next(i for i, r in enumerate(runs) if name in r) for name in (
+        "dvc remote add", "dvc pull", "dvc repro", "segflow promote", "dvc push --run-cache")}  # fmt: skip
+    assert (
+        at["dvc remote add"]
+        < at["dvc pull"]
+        < at["dvc repro"]
+        < at["segflow promote"]
+        < at["dvc push --run-cache"]
+    )
+    assert "--pull" in runs[at["dvc repro"]]  # outputs a previous run pushed are not recomputed
+    # Without the secret (a fork) the remote steps are skipped and everything is reproduced.
+    for name in ("dvc remote add", "dvc pull", "dvc push --run-cache"):
+        assert "env.DVC_REMOTE_URL != ''" in job["steps"][at[name]]["if"]

@@ -49,9 +49,8 @@ def ssh_server():
     )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
-    process = subprocess.Popen(
-        [str(SSHD), "-D", "-e", "-f", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    cmd = [str(SSHD), "-D", "-e", "-f", str(config)]  # foreground, log to stderr
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
     while True:
         assert process.poll() is None, process.stdout.read()

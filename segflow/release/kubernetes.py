@@ -33,7 +33,8 @@ def manifests(bento_tag: str, labels: dict[str, str]) -> list[dict]:
         "env": [
             {"name": "SEGFLOW_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": SECRET, "key": "token"}}},
         ],
-        # ONNX Runtime sizes its threads to the pod's cores (serve.threads: 0); memory from the
+        # ONNX Runtime sizes its threads to the pod's CPU limit, read from its cgroup and shared
+        # out between serve.workers (serve.threads: 0); memory from the
         # soak drill (bench/soak.py: about 640 MB under load), with headroom for large uploads.
         "resources": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
         "readinessProbe": probe,

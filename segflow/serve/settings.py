@@ -50,12 +50,40 @@ class ServeParams(BaseModel):
     body_timeout_s: float = Field(30.0, gt=0, le=600)
 
 
+CGROUP_V2_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" or "max <period>"
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # -1 = no limit
+CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
 def available_cores() -> int:
-    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    """The cores this process may use: its CPU set, capped by a container's CPU quota.
+
+    A Kubernetes pod limited to 2 CPUs still sees every core of its node in its CPU set;
+    sizing ONNX Runtime's threads from that would start dozens of threads fighting for 2
+    cores' worth of time. The quota (cgroup v2 cpu.max, or v1 cfs_quota/period) says 2.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, int(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(
+    v2: Path = CGROUP_V2_MAX, v1: tuple[Path, Path] = (CGROUP_V1_QUOTA, CGROUP_V1_PERIOD)
+) -> float:
+    """CPUs' worth of time the container may use (quota / period), 0 when unlimited or unknown."""
+    try:
+        quota, period = v2.read_text().split()[:2]
+        return 0.0 if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota, period = (int(path.read_text()) for path in v1)
+        return quota / period if quota > 0 and period > 0 else 0.0
+    except (OSError, ValueError):
+        return 0.0
 
 
 def onnx_threads(params: ServeParams, cores: int | None = None) -> int:

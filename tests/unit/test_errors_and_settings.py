@@ -4,6 +4,7 @@ are validated on their own with messages naming the file and key."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ import pytest
 from segflow.artifacts import run_stage
 from segflow.errors import UserError
 from segflow.runtime import configure_logging
-from segflow.serve.settings import ServeParams, SettingsError, load_serve_params, onnx_threads
+from segflow.serve import settings
+from segflow.serve.settings import (
+    ServeParams,
+    SettingsError,
+    cgroup_cpu_quota,
+    load_serve_params,
+    onnx_threads,
+)
 
 
 def test_a_user_error_is_one_line_and_exit_1(capsys):
@@ -49,6 +57,36 @@ def test_serve_settings_come_from_the_serve_section_alone(tmp_path: Path):
 def test_workers_share_the_cores_unless_threads_are_set(workers, threads, cores, expected):
     params = ServeParams(workers=workers, threads=threads)
     assert onnx_threads(params, cores) == expected
+
+
+@pytest.mark.parametrize(
+    ("v2", "v1", "expected"),
+    [
+        ("200000 100000\n", None, 2.0),  # a pod limited to 2 CPUs
+        ("max 100000\n", None, 0.0),  # no limit
+        (None, ("150000", "100000"), 1.5),  # cgroup v1
+        (None, ("-1", "100000"), 0.0),
+        (None, None, 0.0),  # not in a container
+    ],
+)
+def test_a_containers_cpu_quota_is_read_from_either_cgroup_version(tmp_path, v2, v1, expected):
+    v2_file, quota, period = tmp_path / "cpu.max", tmp_path / "quota", tmp_path / "period"
+    if v2:
+        v2_file.write_text(v2)
+    if v1:
+        quota.write_text(v1[0])
+        period.write_text(v1[1])
+    assert cgroup_cpu_quota(v2_file, (quota, period)) == expected
+
+
+def test_threads_follow_the_quota_not_the_nodes_cores(monkeypatch):
+    # A pod limited to 2 CPUs on a 64-core node: its CPU set still lists all 64.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(settings, "cgroup_cpu_quota", lambda: 2.0)
+    assert settings.available_cores() == 2
+    assert onnx_threads(ServeParams(workers=2)) == 1
+    monkeypatch.setattr(settings, "cgroup_cpu_quota", lambda: 0.0)  # no quota: the CPU set
+    assert onnx_threads(ServeParams(workers=2)) == 32
 
 
 @pytest.mark.parametrize(

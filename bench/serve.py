@@ -199,6 +199,8 @@ def load_test(url: str, field: str, files: list[bytes], concurrency: int, reques
         t.join()
     wall = time.perf_counter() - started
     cpu = tree_cpu_seconds(pid) - cpu
+    if not latencies:
+        raise SystemExit(f"{url}: all {requests} requests failed (not 200); see the server's log")
     return {
         "concurrency": concurrency,
         "requests": requests,
@@ -216,9 +218,10 @@ class Server:
     def __init__(self, cmd: list[str], ready_path: str, env: dict, log: Path, cwd: Path = ROOT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self._output = log.open("w")
         self.process = subprocess.Popen(
             [*cmd, "--port", str(self.port)], cwd=cwd, env={**os.environ, **env},
-            stdout=log.open("w"), stderr=subprocess.STDOUT,
+            stdout=self._output, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.log = log
         try:
@@ -233,6 +236,8 @@ class Server:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait(30)
+        self._output.close()
 
     def __enter__(self) -> Server:
         return self

@@ -183,7 +183,8 @@ class Distributed(_Section):
     """Data-parallel training under torchrun (segflow.train.distributed)."""
 
     nproc: int = Field(1, ge=1, le=256)  # processes on this machine; above 1 the stage runs under torchrun
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo on CPUs
+    # The loop trains on the CPU, so gloo; nccl would need the model and batches on GPUs.
+    backend: Literal["auto", "gloo"] = "auto"
 
 
 class Augment(_Section):

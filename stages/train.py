@@ -9,7 +9,6 @@ logs and writes (segflow.train.distributed).
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from segflow.artifacts import (
@@ -42,9 +41,7 @@ def main() -> None:
     params = load_params()
     nproc = params.train.distributed.nproc
     if nproc > 1 and not distributed.launched():
-        if distributed.relaunch("stages.train", nproc, params.train.threads) != 0:
-            sys.exit(1)  # torchrun printed the failing rank's error
-        return
+        distributed.relaunch("stages.train", nproc, params.train.threads)  # does not return
     with distributed.world(params.train.distributed.backend) as world:
         # The processes share the cores train.threads names.
         set_threads(max(1, params.train.threads // world.size))

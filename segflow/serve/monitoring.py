@@ -8,6 +8,7 @@ population stability index (PSI) of mean intensity and of predicted foreground f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -171,7 +172,9 @@ class RequestLog:
                     )
                 db.commit()
             except sqlite3.Error as exc:  # a full disk must not take the service down
-                log.warning("request log write failed: %s", exc)
+                log.warning("request log write failed: %s (%d rows lost)", exc, len(batch))
+                with contextlib.suppress(sqlite3.Error):
+                    db.rollback()  # an open transaction would hold the lock the other workers need
             finally:
                 for _ in batch:
                     self._queue.task_done()

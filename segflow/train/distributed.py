@@ -7,8 +7,9 @@ torchrun sets and joins. Every process trains a DistributedDataParallel replica 
 of each batch (train.batch_size / processes) with gradients averaged, so the optimisation is
 that of the 1-process run with the same global batch; batch-norm statistics are per process.
 Rank 0 alone validates (and tells the others the result), logs, writes checkpoints and the
-resume state, and writes the stage's outputs. gloo on CPUs, nccl where every process has a
-GPU.
+resume state, and writes the stage's outputs; it alone reads the resume state and hands it
+to the others, so ranks on other machines need no copy of it. The loop trains on the CPU,
+with gloo (train.distributed.backend: auto).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,10 +57,11 @@ def check_batch(batch_size: int, processes: int) -> int:
     return batch_size // processes
 
 
-def relaunch(module: str, nproc: int, threads: int) -> int:
-    """Run `python -m module` again under torchrun with `nproc` processes on this machine,
-    sharing `threads` cores; returns its exit status (torchrun stops every process when one
-    fails)."""
+def relaunch(module: str, nproc: int, threads: int) -> None:
+    """Become `torchrun --standalone --nproc_per_node nproc -m module` (this process is
+    replaced, so DVC's or the shell's SIGTERM and Ctrl-C reach torchrun, which stops every
+    training process, and its exit status is the stage's). The processes share `threads`
+    cores."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc}", "-m", module,
@@ -68,7 +69,9 @@ def relaunch(module: str, nproc: int, threads: int) -> int:
     log.info("train.distributed.nproc is %d: %s", nproc, " ".join(cmd[1:]))
     # torchrun would otherwise set 1 and print a banner saying so.
     env = {"OMP_NUM_THREADS": str(max(1, threads // nproc))} | dict(os.environ)
-    return subprocess.run(cmd, check=False, env=env).returncode
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, env)
 
 
 @contextlib.contextmanager
@@ -77,12 +80,9 @@ def world(backend: str = "auto") -> Iterator[World]:
     if not launched():
         yield World()
         return
-    import torch
     import torch.distributed as dist
 
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend="gloo" if backend == "auto" else backend)
     try:
         yield World(dist.get_rank(), dist.get_world_size())
     finally:

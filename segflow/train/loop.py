@@ -211,9 +211,13 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
     history, best, best_at, best_weights = [], -1.0, 0, None
     resume = None
     if resume_path is not None:
-        run = fingerprint(params, prep.to_dict(), {"train": train, "val": val})
-        resume = ResumeFile(Path(resume_path), run)
-        state = resume.load()
+        # Rank 0 reads the state and hands it to every rank: all start from the same epoch,
+        # weights, optimizer and schedule, wherever they run.
+        if world.is_main:
+            resume = ResumeFile(
+                Path(resume_path), fingerprint(params, prep.to_dict(), {"train": train, "val": val})
+            )
+        [state] = distributed.share_from_main([resume.load() if resume is not None else None], world)
         if state is not None and _restore(state, model, optimizer, scheduler, resume):
             history = state["history"]
             best, best_at, best_weights = state["best_val_dice"], state["best_epoch"], state["best_weights"]
@@ -224,7 +228,7 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
             where = f"from epoch {done + 1}" if done < cfg.epochs else f"after the last epoch {done}"
             log.info(
                 "resuming %s/%s (%s): epochs 1-%s restored, best val Dice %.4f at epoch %s",
-                where, cfg.epochs, resume.path, done, best, best_at,
+                where, cfg.epochs, resume_path, done, best, best_at,
             )  # fmt: skip
             for record in history if on_epoch and world.is_main else ():
                 on_epoch(record)
@@ -322,13 +326,14 @@ def _loader(dataset, batch_size: int, seed: int, world: distributed.World):
     )
 
 
-def _restore(state: dict, model, optimizer, scheduler, resume: ResumeFile) -> bool:
+def _restore(state: dict, model, optimizer, scheduler, resume: ResumeFile | None) -> bool:
     """Load a matching resume state into the model, optimizer and scheduler; False (saying
-    why) if its weights do not fit the network."""
+    why, on rank 0: `resume`) if its weights do not fit the network."""
     current = model.state_dict()
     saved = state["model"]
     if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in current):
-        resume.reject("its weights do not fit the network built from these params")
+        if resume is not None:
+            resume.reject("its weights do not fit the network built from these params")
         return False
     model.load_state_dict(saved)
     optimizer.load_state_dict(state["optimizer"])

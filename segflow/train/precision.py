@@ -22,13 +22,18 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 convolutions natively (oneDNN's own check:
-    AVX-512 BF16 or AMX)."""
+    """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX) for oneDNN to use.
+
+    oneDNN's own `_is_mkldnn_bf16_supported` also answers yes on AVX-512 CPUs without them
+    (Skylake to Ice Lake), where it emulates bfloat16 and is slower than float32; torch's
+    CPU feature checks name the instructions themselves.
+    """
     import torch
 
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without the check
+        has_instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(torch.backends.mkldnn.is_available() and has_instructions)
+    except (AttributeError, RuntimeError):  # a torch build without the checks
         return False
 
 

@@ -143,6 +143,7 @@ class SegflowService:
         logging.getLogger("segflow").setLevel(logging.INFO)  # BentoML's handlers show WARNING and up only
         cv2.setNumThreads(1)  # post-processing stays on the request's thread: the cores are ONNX Runtime's
         self.config = CONFIG
+        self.onnx_threads = onnx_threads(CONFIG)  # reads the cgroup quota: once per worker
         bound_header_time(self.config.header_timeout_s)  # uvicorn has no deadline for headers
         self.limits = UploadLimits.from_params(self.config)
         folder = Path(self.model.path)
@@ -151,7 +152,7 @@ class SegflowService:
         self.segmenter, self.precision = choose_precision(
             folder,
             self.config.precision,
-            lambda path: Segmenter.from_onnx(path, prep, onnx_threads(self.config)),
+            lambda path: Segmenter.from_onnx(path, prep, self.onnx_threads),
             warmup_images(prep, self.config.model_batch_size),
         )
         precision_info.labels(precision=self.precision.precision).set(1)
@@ -175,7 +176,7 @@ class SegflowService:
             self.precision.precision,
             self.precision.reason,
             self.config.workers,
-            onnx_threads(self.config),
+            self.onnx_threads,
         )
 
     # -- the model path shared by every endpoint ------------------------------------------
@@ -339,7 +340,7 @@ class SegflowService:
         return {
             "model": self.model_info,
             "precision": self.precision.to_dict(),
-            "runtime": {"workers": self.config.workers, "onnx_threads": onnx_threads(self.config)},
+            "runtime": {"workers": self.config.workers, "onnx_threads": self.onnx_threads},
             "test_metrics": dict(info.metadata.get("test_metrics", {})),
             "lineage": {
                 "git_commit": info.labels.get("git_commit"),

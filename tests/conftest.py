@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,13 @@ TINY_PARAMS = {
     # Two epochs on 16 tiny images: the gate's bars must be reachable for a first champion.
     "promote": {"minimums": {"dice": 0.05, "iou": 0.02, "ap50": 0.0}, "max_regression": {"ap50": 1.0}},
 }
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run(

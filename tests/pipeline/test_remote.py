@@ -16,17 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run
+from tests.conftest import free_port, run
 
 pytestmark = pytest.mark.slow
 SSHD = Path("/usr/sbin/sshd")
 UP_TO_DATE = "Data and pipelines are up to date."
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def ssh_server():
     for name in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
     shutil.copy(folder / "client_key.pub", folder / "authorized_keys")
-    port = _free_port()
+    port = free_port()
     config = folder / "sshd_config"
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\n"

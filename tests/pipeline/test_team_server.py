@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,24 +16,18 @@ import pytest
 import yaml
 
 from segflow.release.teamserver import server_command, start_postgres, stop_postgres
-from tests.conftest import run
+from tests.conftest import free_port, run
 
 pytestmark = pytest.mark.slow
 MODEL = "segflow-segmenter"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def tracking_server():
     folder = Path(tempfile.mkdtemp(prefix="segflow-team-"))  # not pytest's root-only tmp: postgres owns it
     folder.chmod(0o755)
-    database = start_postgres(folder, _free_port())
-    port = _free_port()
+    database = start_postgres(folder, free_port())
+    port = free_port()
     log = folder / "mlflow.log"
     process = subprocess.Popen(
         server_command(database, folder / "artifacts", "127.0.0.1", port),

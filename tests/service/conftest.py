@@ -7,7 +7,6 @@ so its BentoML store holds the champion exactly as a user's would after `make ru
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,16 +15,10 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import BIN
+from tests.conftest import BIN, free_port
 
 TOKEN = "test-token-1234"
 SLOW_CLIENT_DEADLINES = {"header_timeout_s": 2.0, "body_timeout_s": 2.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -38,7 +31,7 @@ class Server:
 
 def start_server(repo: Path, tmp: Path, token: str | None = None, serve: dict | None = None) -> Server:
     """`bentoml serve` in `repo`; `serve` overrides params.yaml's serve section (SEGFLOW_PARAMS)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if serve:
         params = yaml.safe_load((repo / "params.yaml").read_text())

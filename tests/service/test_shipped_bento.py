@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import BIN, run
-from tests.service.conftest import _free_port
+from tests.conftest import BIN, free_port, run
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +51,7 @@ def shipped(built_repo: Path, tmp_path_factory) -> dict:
 
     outside = home / "elsewhere"  # neither the checkout nor anything that contains it
     outside.mkdir()
-    port = _free_port()
+    port = free_port()
     env = {
         "PATH": f"{venv / 'bin'}{os.pathsep}/usr/bin:/bin",
         "HOME": str(home),

@@ -136,6 +136,21 @@ def move_champion(client, name: str, version: str) -> str | None:
     return None if previous is None else str(previous.version)
 
 
+def rollback_target(client, name: str) -> tuple[str, str]:
+    """(the current champion's version, the version a rollback restores), moving nothing.
+
+    Raises:
+        UserError: there is no champion, or no earlier champion to return to.
+    """
+    current = version_with_alias(client, name, CHAMPION)
+    if current is None:
+        raise UserError(f"{name} has no champion in this registry; nothing to roll back")
+    history = champion_history(client, name)
+    if len(history) < 2:
+        raise UserError(f"{name} has no earlier champion to roll back to (history: {history or 'empty'})")
+    return str(current.version), history[-2]
+
+
 def roll_back_champion(client, name: str) -> tuple[str, str]:
     """Move `champion` back to the version that held it before the current one.
 
@@ -143,19 +158,13 @@ def roll_back_champion(client, name: str) -> tuple[str, str]:
         (the demoted version, the restored version).
 
     Raises:
-        ValueError: there is no earlier champion to return to.
+        UserError: there is no earlier champion to return to.
     """
     import json
 
-    current = version_with_alias(client, name, CHAMPION)
-    if current is None:
-        raise UserError(f"{name} has no champion in this registry; nothing to roll back")
-    history = champion_history(client, name)
-    if current is None or len(history) < 2:
-        raise UserError(f"{name} has no earlier champion to roll back to (history: {history or 'empty'})")
-    history.pop()
-    restored = history[-1]
+    demoted, restored = rollback_target(client, name)
+    history = champion_history(client, name)[:-1]
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     client.set_registered_model_alias(name, CHAMPION, restored)
-    client.set_model_version_tag(name, str(current.version), "validation_status", "rolled_back")
-    return str(current.version), restored
+    client.set_model_version_tag(name, demoted, "validation_status", "rolled_back")
+    return demoted, restored

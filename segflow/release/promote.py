@@ -35,6 +35,7 @@ from segflow.release.gate import (
     decide,
     move_champion,
     roll_back_champion,
+    rollback_target,
     version_with_alias,
 )
 from segflow.serve.precision import INT8_FILE
@@ -126,8 +127,8 @@ def _decide(client, params: Params, holder) -> tuple[dict, Decision]:
 
 
 def _act(client, report: dict, decision: Decision) -> None:
-    """Record the decision on the candidate's version; if it passed, move the alias and build
-    the Bento. Fills report's previous_champion, bento and serving."""
+    """Record the decision on the candidate's version; if it passed, build the Bento and move
+    the alias. Fills report's previous_champion, bento and serving."""
     name, version = report["candidate"]["name"], report["candidate"]["version"]
     status = "passed" if decision.promote else "failed"
     client.set_model_version_tag(name, version, "validation_status", status)
@@ -135,8 +136,9 @@ def _act(client, report: dict, decision: Decision) -> None:
         name, version, "validation_reasons", "; ".join(decision.reasons) or "all checks passed"
     )
     if decision.promote and not report["already_champion"]:
-        report["previous_champion"] = move_champion(client, name, version)
+        # The Bento first: a build that fails leaves the alias (and what it serves) unmoved.
         report["bento"] = package(client, name, version, EXPORT)
+        report["previous_champion"] = move_champion(client, name, version)
     elif decision.promote:
         # Nothing to move, but this step re-runs when the service code or its `serve`
         # limits change (promote's deps): rebuild the champion's Bento with them.
@@ -238,9 +240,10 @@ def rollback(params: Params) -> dict:
     client = mlflow.tracking.MlflowClient()
     name = params.export.registered_model_name
     with promotion_lock(name), tempfile.TemporaryDirectory() as tmp:
-        demoted, restored = roll_back_champion(client, name)  # UserError when there is nothing to restore
+        _, restored = rollback_target(client, name)  # UserError when there is nothing to restore
         folder = download_model(name, restored, Path(tmp))
-        packaged = package(client, name, restored, folder)
+        packaged = package(client, name, restored, folder)  # before the alias moves, as in _act
+        demoted, restored = roll_back_champion(client, name)
         record = {
             "rollback": True,
             "demoted": demoted,

@@ -122,3 +122,22 @@ def test_roll_back_without_champion_is_refused(registry):
 
     with pytest.raises(ValueError, match="has no champion"):
         roll_back_champion(registry, "seg")
+
+
+def test_a_bento_build_that_fails_leaves_the_champion_where_it_was(registry, monkeypatch):
+    # A real registry; the build failure is injected, standing in for a full disk or a broken
+    # BentoML store while building.
+    from segflow.release import promote
+    from segflow.release.gate import CHAMPION, Decision, champion_history, move_champion, version_with_alias
+
+    move_champion(registry, "seg", "1")
+
+    def failing_build(*args, **kwargs):
+        raise RuntimeError("bento build failed")
+
+    monkeypatch.setattr(promote, "package", failing_build)
+    report = {"candidate": {"name": "seg", "version": "2"}, "already_champion": False}
+    with pytest.raises(RuntimeError, match="bento build failed"):
+        promote._act(registry, report, Decision(promote=True, checks=[]))
+    assert str(version_with_alias(registry, "seg", CHAMPION).version) == "1"
+    assert champion_history(registry, "seg") == ["1"]

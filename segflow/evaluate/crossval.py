@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from segflow.config import Params
-from segflow.core.inference import Prediction
-from segflow.core.sizes import resize_image, resize_labels, scaled_shape
+from segflow.core.inference import Prediction, to_prediction
+from segflow.core.sizes import median_diameter, resize_image, resize_labels, scaled_shape
 from segflow.data.samples import Sample, load_samples
 from segflow.errors import UserError
 from segflow.evaluate.scoring import choose_postprocessing, score_predictions
@@ -113,15 +113,33 @@ def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdi
     scores, rows, kept = {}, [], {}
     for scale in params.crossval.scales:
         images = rescaled(held_out, scale)
-        predictions = segmenter.predict([s.image for s in images])
+        # Segmenter.predict, keeping the factor each image was rescaled by (its size estimate).
+        logits, applied = segmenter.scaled_logits([s.image for s in images])
+        predictions = [to_prediction(y, segmenter.prep, a) for y, a in zip(logits, applied, strict=True)]
         result = score_predictions(predictions, images, classes, "held_out")
         scores[scale], kept[scale] = result.summary, (images, predictions)
         rows += [
-            {"fold": fold, "scale": scale} | {k: v for k, v in r.items() if k != "split"} for r in result.rows
+            {"fold": fold, "scale": scale}
+            | {k: v for k, v in r.items() if k != "split"}
+            | _diameters(s, a, segmenter.prep.train_diameter)
+            for r, s, a in zip(result.rows, images, applied, strict=True)
         ]
     prep = tuning.prep
     chosen = {k: getattr(prep, k) for k in ("threshold", "seed_threshold", "min_area", "tta")}
     return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept)
+
+
+def _diameters(sample: Sample, applied: float, train_diameter: float) -> dict:
+    """A size-normalised model's view of one image: its objects' true median diameter and the
+    one inference assumed (the trained diameter over the factor the image was rescaled by).
+    Where AP is poor, a size estimate far off the truth says why (merged or split objects)."""
+    if not train_diameter:
+        return {}
+    true = median_diameter(sample.instances) if sample.instances is not None else None
+    return {
+        "diameter_true": None if true is None else round(true, 2),
+        "diameter_used": round(train_diameter / applied, 2),
+    }
 
 
 def check_subsets(subsets: dict[str, list[str]], ids: list[str]) -> None:

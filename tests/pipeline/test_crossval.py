@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -55,6 +56,11 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
     assert {row["tta"] for row in summary["chosen"]} <= {"none", "flips"}
     images = (repo_copy / "reports/crossval/images.csv").read_text().splitlines()
     assert len(images) == 1 + 16 * 2  # every image once per scale
+    per_image = pd.read_csv(repo_copy / "reports/crossval/images.csv")
+    # The size each image was segmented at beside its true size: shrinking an image halves both.
+    assert (per_image["diameter_true"] > 0).all() and (per_image["diameter_used"] > 0).all()
+    by_scale = per_image.pivot_table(index="image", columns="scale", values="diameter_true")
+    assert ((by_scale[0.5] / by_scale[1.0]).between(0.4, 0.6)).all()
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo_copy).stdout)
     assert "reports/crossval/summary.json" in json.dumps(shown)
 

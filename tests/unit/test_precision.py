@@ -16,7 +16,12 @@ import pytest
 
 from segflow.core.inference import Preprocessing, Segmenter
 from segflow.errors import UserError
-from segflow.release.quantize import accuracy_check, calibration_inputs, quantize
+from segflow.release.quantize import (
+    accuracy_check,
+    calibration_inputs,
+    quantize,
+    write_without_shape_dequantization,
+)
 from segflow.serve import precision
 from segflow.serve.precision import INT8_FILE, INT8_REPORT, choose, decide, warmup_images
 
@@ -56,6 +61,77 @@ def test_static_int8_quantization_of_a_real_model(tmp_path):
     a, b = fp32.logits(images[:1])[0], int8.logits(images[:1])[0]
     assert a.shape == b.shape == (1, 40, 48)  # dynamic sizes survive quantization
     assert np.abs(a - b).max() < 0.1 * (np.abs(a).max() + 1e-6)
+
+
+def _skip_net_onnx(path: Path) -> None:
+    """A U-Net in miniature: the upsampled path is sized by its skip connection's shape."""
+    import torch
+
+    class SkipNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = torch.nn.Conv2d(1, 8, 3, stride=2, padding=1)
+            self.skip = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.head = torch.nn.Conv2d(16, 1, 1)
+
+        def forward(self, x):
+            skip = torch.relu(self.skip(x))
+            deep = torch.relu(self.down(x))
+            up = torch.nn.functional.interpolate(deep, size=skip.shape[-2:], mode="nearest")
+            return self.head(torch.cat([up, skip], dim=1))
+
+    torch.manual_seed(0)
+    dynamic = {0: "batch", 2: "height", 3: "width"}
+    torch.onnx.export(
+        SkipNet().eval(), (torch.zeros(1, 1, 32, 32),), str(path), input_names=["image"],
+        output_names=["logits"], dynamic_axes={"image": dynamic, "logits": dynamic},
+        opset_version=18, dynamo=False,
+    )  # fmt: skip
+
+
+def _shape_only_dequantizations(path: Path) -> int:
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    return sum(
+        node.op_type == "DequantizeLinear" and set(readers.get(node.output[0], [])) == {"Shape"}
+        for node in graph.node
+    )
+
+
+def test_int8_model_takes_shapes_from_integer_tensors_with_unchanged_outputs(tmp_path, monkeypatch):
+    import onnxruntime.quantization
+
+    _skip_net_onnx(tmp_path / "model.onnx")
+    rng = np.random.default_rng(1)
+    images = [(rng.random((40, 56)) * 255).astype(np.uint8) for _ in range(3)]
+    inputs = calibration_inputs(images, [None] * 3, PREP, count=3, size=32)
+    # The quantizer's own output, before segflow prunes it: it dequantizes the skip tensor
+    # only to take its shape.
+    kept = {}
+    original = onnxruntime.quantization.quantize_static
+
+    def keep_raw(model_input, model_output, *args, **kwargs):
+        original(model_input, model_output, *args, **kwargs)
+        kept["raw"] = Path(model_output).read_bytes()
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", keep_raw)
+    quantize(tmp_path / "model.onnx", tmp_path / INT8_FILE, inputs, "image")
+    (tmp_path / "raw.onnx").write_bytes(kept["raw"])
+
+    assert _shape_only_dequantizations(tmp_path / "raw.onnx") >= 1
+    assert _shape_only_dequantizations(tmp_path / INT8_FILE) == 0
+    assert write_without_shape_dequantization(tmp_path / INT8_FILE, tmp_path / "again.onnx") == 0
+    raw = Segmenter.from_onnx(tmp_path / "raw.onnx", PREP)
+    pruned = Segmenter.from_onnx(tmp_path / INT8_FILE, PREP)
+    for image in images:  # 40x56: odd sizes after the stride-2 path, so the shapes matter
+        a, b = raw.logits([image])[0], pruned.logits([image])[0]
+        assert a.shape == (1, 40, 56)
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_accuracy_check_names_what_fell_too_far():

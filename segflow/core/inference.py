@@ -191,7 +191,10 @@ def to_prediction(logit: np.ndarray, prep: Preprocessing, scale: float = 1.0) ->
     probability, mask = semantic_mask(semantic, prep.threshold)
     if watershed:
         interior = sigmoid(logit[-1])
-        instances = watershed_instances(mask > 0, interior, prep.seed_threshold)
+        # Specks go in the same numbering pass; without_small_objects then finds none left,
+        # unless split_by_class cuts an object into small pieces.
+        min_area = area_at(prep.min_area, scale)
+        instances = watershed_instances(mask > 0, interior, prep.seed_threshold, max(1, min_area))
         if len(prep.classes) > 2:
             instances = split_by_class(instances, mask)
     else:

@@ -57,13 +57,17 @@ def distance_target(instances: np.ndarray) -> np.ndarray:
     return np.where(objects, distance / np.maximum(deepest[labels], 1.0), 0.0).astype(np.float32)
 
 
-def watershed_instances(foreground: np.ndarray, interior: np.ndarray, seed_threshold: float) -> np.ndarray:
+def watershed_instances(
+    foreground: np.ndarray, interior: np.ndarray, seed_threshold: float, min_area: int = 1
+) -> np.ndarray:
     """Split the foreground into objects grown from confident interior seeds.
 
     Args:
         foreground: (H, W) bool, pixels predicted to belong to some object.
         interior: (H, W) float32 in [0, 1]: P(interior), or the predicted normalised distance.
         seed_threshold: interior value above which a pixel seeds an object.
+        min_area: objects of fewer pixels are dropped (the same as drop_small afterwards,
+            without numbering the image twice).
 
     Returns:
         (H, W) uint16 instance ids, 0 = background. A foreground blob with one seed, or
@@ -77,12 +81,13 @@ def watershed_instances(foreground: np.ndarray, interior: np.ndarray, seed_thres
     blob_of_seed = np.zeros(n_seeds, np.int64)
     blob_of_seed[seeds[seeds_mask]] = blobs[seeds_mask]  # a seed lies inside one blob
     seeds_per_blob = np.bincount(blob_of_seed[1:], minlength=n_blobs)
-    crowded = seeds_per_blob[blobs] > 1  # (H, W) bool: pixels of blobs holding several seeds
-    labels = np.where(crowded, 0, blobs).astype(np.int64)
-    if crowded.any():
-        split = _flood(seeds, interior, crowded)  # ids 1..k
-        labels = np.where(crowded, split + n_blobs, labels)
-    return compact_ids(labels)
+    is_crowded = seeds_per_blob > 1  # per blob
+    if not is_crowded.any():
+        return compact_ids(blobs, min_area)
+    crowded = is_crowded[blobs]  # (H, W) bool: pixels of blobs holding several seeds
+    split = _flood(seeds, interior, crowded)  # ids 1..k
+    labels = np.where(crowded, split + n_blobs, blobs)
+    return compact_ids(labels, min_area)
 
 
 def _flood(seeds: np.ndarray, interior: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -114,9 +119,14 @@ def split_by_class(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def drop_small(instances: np.ndarray, min_area: int) -> np.ndarray:
-    """Remove objects smaller than `min_area` pixels and renumber the rest 1..n."""
+    """Remove objects smaller than `min_area` pixels and renumber the rest 1..n (the same
+    array back when none is that small)."""
     if min_area <= 0 or not instances.any():
         return instances
+    areas = np.bincount(instances.ravel())
+    present = areas[1:] > 0
+    if areas[1:][present].min() >= min_area and present.all():
+        return instances  # ids already 1..n, nothing to drop
     return compact_ids(instances, min_area)
 
 

@@ -123,7 +123,7 @@ def _polygon(crop: np.ndarray, x0: int, y0: int) -> list[int]:
         # COCO polygon; use the corners of the pixels' box instead.
         h, w = crop.shape
         contour = np.array([(0, 0), (w, 0), (w, h), (0, h)])
-    return [int(v) for v in np.add(contour, (x0, y0)).ravel()]
+    return np.add(contour, (x0, y0)).ravel().tolist()  # Python ints, as JSON wants
 
 
 def coco_rle(binary: np.ndarray) -> dict:

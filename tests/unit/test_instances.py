@@ -88,6 +88,20 @@ def test_min_area_drops_small_objects_from_instances_and_mask():
     )
 
 
+def test_watershed_drops_specks_in_its_numbering_as_drop_small_would():
+    instances = touching_squares()
+    instances[18, 28] = 9  # a one-pixel speck apart from the rest
+    foreground = instances > 0
+    interior = interior_target(instances, 2).astype(np.float32)
+    for min_area in (1, 2, 17, 101):
+        fused = watershed_instances(foreground, interior, 0.5, min_area)
+        np.testing.assert_array_equal(fused, drop_small(watershed_instances(foreground, interior, 0.5), min_area))
+    assert watershed_instances(foreground, interior, 0.5, 17).max() == 2  # speck and 16-px object gone
+    # Nothing small enough to drop: the ids are already 1..n and stay as they are.
+    kept = watershed_instances(foreground, interior, 0.5, 2)
+    assert drop_small(kept, 2) is kept
+
+
 def test_split_by_class_gives_each_class_its_own_object():
     labels = np.array([[1, 1, 1, 0, 2]], np.uint16)
     mask = np.array([[1, 1, 2, 0, 1]], np.uint8)

@@ -95,7 +95,8 @@ def test_watershed_drops_specks_in_its_numbering_as_drop_small_would():
     interior = interior_target(instances, 2).astype(np.float32)
     for min_area in (1, 2, 17, 101):
         fused = watershed_instances(foreground, interior, 0.5, min_area)
-        np.testing.assert_array_equal(fused, drop_small(watershed_instances(foreground, interior, 0.5), min_area))
+        after = drop_small(watershed_instances(foreground, interior, 0.5), min_area)
+        np.testing.assert_array_equal(fused, after)
     assert watershed_instances(foreground, interior, 0.5, 17).max() == 2  # speck and 16-px object gone
     # Nothing small enough to drop: the ids are already 1..n and stay as they are.
     kept = watershed_instances(foreground, interior, 0.5, 2)

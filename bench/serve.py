@@ -13,7 +13,9 @@ Measures, on the same 256x256 images:
   3. the service as configured (serve.precision auto) with 2 workers, at concurrency 8;
      its /metadata says which precision `auto` chose here;
   4. the naive baseline (bench/naive_app.py: FastAPI, torch, one model call per request)
-     at concurrency 1 and 8.
+     at concurrency 1 and 8;
+  5. raw ONNX Runtime again, to show whether the machine's speed moved during the run (a
+     warning when the raw best changed by more than 15%: the ratios are then unreliable).
 Each line also gives the CPU seconds spent per image (the server's whole process tree for
 the servers; the load generator is not counted). Ends with
 
@@ -344,6 +346,23 @@ def targets(results: dict) -> tuple[dict, str]:
     return checks, f"ratios: {ratios}"
 
 
+def speed_drift(results: dict, tolerance: float = 0.15) -> dict:
+    """Raw best throughput at the end against the start, per precision; prints a warning
+    when the machine's speed moved by more than `tolerance` during the run."""
+    drift = {}
+    for precision, start in results["raw_onnxruntime"].items():
+        end = results["raw_onnxruntime_at_end"][precision]["best_throughput"]
+        drift[precision] = round(end / start["best_throughput"] - 1, 3)
+        print(f"raw {precision} best at the end: {end:.2f} img/s ({drift[precision]:+.1%} on the start)")
+    if any(abs(d) > tolerance for d in drift.values()):
+        print(
+            f"WARNING: this machine's speed changed by more than {tolerance:.0%} during the run, so "
+            "the ratios below compare measurements taken at different speeds; run it again on a "
+            "quiet machine"
+        )
+    return drift
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -385,9 +404,15 @@ def main() -> int:
         results["service"][f"auto ({auto['precision']}) 2 workers"] = auto
         if not args.skip_naive:
             results["naive_fastapi_torch"] = bench_naive(tmp, args.checkpoint, files, args.requests)
+    # A shared virtual machine can change speed while this runs; the ratios set measurements
+    # from the start against ones from later, so the raw model is timed again to show it.
+    results["raw_onnxruntime_at_end"] = {
+        p: raw_onnxruntime(model_dir, files_by_precision[p], images, args.requests) for p in precisions
+    }
 
     print("\n".join(table(results)))
     print(f"auto chose {auto['precision']}: {auto['reason']}")
+    results["speed_drift"] = speed_drift(results)
     checks, ratios = targets(results)
     results["targets"] = checks
     for name, t in checks.items():

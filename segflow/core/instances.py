@@ -123,10 +123,9 @@ def drop_small(instances: np.ndarray, min_area: int) -> np.ndarray:
     array back when none is that small)."""
     if min_area <= 0 or not instances.any():
         return instances
-    areas = np.bincount(instances.ravel())
-    present = areas[1:] > 0
-    if areas[1:][present].min() >= min_area and present.all():
-        return instances  # ids already 1..n, nothing to drop
+    areas = np.bincount(instances.ravel())[1:]  # by id 1..max
+    if areas.min() >= min_area:  # every id present and none small: ids already 1..n
+        return instances.astype(id_dtype(areas.size), copy=False)  # as compact_ids types them
     return compact_ids(instances, min_area)
 
 

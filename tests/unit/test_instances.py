@@ -101,6 +101,7 @@ def test_watershed_drops_specks_in_its_numbering_as_drop_small_would():
     # Nothing small enough to drop: the ids are already 1..n and stay as they are.
     kept = watershed_instances(foreground, interior, 0.5, 2)
     assert drop_small(kept, 2) is kept
+    assert drop_small(kept.astype(np.int64), 2).dtype == np.uint16  # the id dtype either way
 
 
 def test_split_by_class_gives_each_class_its_own_object():

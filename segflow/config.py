@@ -297,6 +297,16 @@ class TrainParams(_Section):
         return value
 
 
+def _diameter_multipliers(choices: list[float]) -> list[float]:
+    """Sorted, distinct multipliers of an estimated diameter; the estimate itself (1.0) among them."""
+    if not all(0.25 <= m <= 4 for m in choices) or 1.0 not in choices:
+        raise ValueError(
+            f"need multipliers of the estimated diameter between 0.25 and 4 that include 1.0 "
+            f"(the estimate itself), e.g. [0.7, 0.85, 1.0, 1.2]; got {choices}"
+        )
+    return sorted(set(choices))
+
+
 class InferenceParams(_Section):
     """Probability maps -> objects, saved in preprocessing.json: evaluate, CLI and service agree."""
 
@@ -316,6 +326,14 @@ class InferenceParams(_Section):
     # Models trained with train.diameter: the objects' diameter in the images to segment, in
     # pixels, or auto (estimated per image by a first pass). Ignored at native scale.
     diameter: Literal["auto"] | float = "auto"
+    # With diameter auto: multipliers of each image's estimated diameter also tried; the one
+    # whose objects are most convex wins (segflow.core.sizes.solid_fraction). For convex
+    # objects (nuclei): a wrong size merges neighbours or cuts objects, both concave. [1.0]:
+    # the estimate as it is, one model pass fewer per choice.
+    diameter_choices: list[float] = [1.0]
+    diameter_choices_grid: list[list[float]] = [
+        [1.0]
+    ]  # what tune tries on val (then diameter_choices is unused)
     tta: Literal["none", "flips", "d4"] = "none"  # test-time augmentation (used as is when tune is false)
     tta_grid: list[Literal["none", "flips", "d4"]] = ["none"]  # what tune tries on val (then tta is unused)
     tune: bool = True  # evaluate picks threshold, seed_threshold and min_area on the validation split
@@ -338,6 +356,22 @@ class InferenceParams(_Section):
         if not grid:
             raise ValueError("need at least one mode, e.g. [none] or [none, flips]")
         return sorted(set(grid), key=["none", "flips", "d4"].index)
+
+    @field_validator("diameter_choices")
+    @classmethod
+    def _multipliers(cls, choices: list[float]) -> list[float]:
+        return _diameter_multipliers(choices)
+
+    @field_validator("diameter_choices_grid")
+    @classmethod
+    def _fewest_first(cls, grid: list[list[float]]) -> list[list[float]]:
+        # Tuning breaks ties toward the earlier entry: order by cost (model passes).
+        if not grid:
+            raise ValueError(
+                "need at least one list of multipliers, e.g. [[1.0]] or [[1.0], [0.7, 0.85, 1.0, 1.2]]"
+            )
+        unique = {tuple(_diameter_multipliers(choices)): None for choices in grid}
+        return sorted((list(c) for c in unique), key=len)
 
     @field_validator("diameter")
     @classmethod

@@ -17,7 +17,7 @@ import numpy as np
 
 from segflow.core.instances import drop_small, split_by_class, watershed_instances
 from segflow.core.objects import label_instances
-from segflow.core.sizes import median_diameter, resize_planes, scale_for, scaled_shape
+from segflow.core.sizes import median_diameter, resize_planes, scale_for, scaled_shape, solid_fraction
 from segflow.core.tiling import tiled_logits
 from segflow.core.tta import averaged_logits
 from segflow.errors import UserError
@@ -35,6 +35,7 @@ POSTPROCESS_FIELDS = (
     "tile_size",
     "tile_overlap",
     "diameter",
+    "diameter_choices",
     "tta",
 )
 # Instance methods whose last model channel seeds a watershed: P(interior) or normalised distance.
@@ -72,6 +73,8 @@ class Preprocessing:
     train_diameter: float = 0.0  # the network learned objects this many pixels across; 0 = native scale
     data_diameter: float = 0.0  # the training images' median object diameter as stored (auto's first guess)
     diameter: float | str = "auto"  # objects' diameter in the input images, or auto: estimate per image
+    # auto: multipliers of the estimate also tried; the most solid objects win ([1.0]: the estimate)
+    diameter_choices: list[float] = field(default_factory=lambda: [1.0])
     tta: str = "none"  # test-time augmentation: none | flips | d4 (segflow.core.tta)
     input_name: str = "image"
     output_name: str = "logits"
@@ -330,6 +333,8 @@ class Segmenter:
         unknown = [i for i, d in enumerate(given) if not d]
         if unknown:
             self._rerun_at_estimated_sizes(inputs, logits, scales, unknown)
+            if len(prep.diameter_choices) > 1:
+                self._choose_sizes(inputs, logits, scales, unknown)
         return logits, [self._applied_scale(x.shape[1:], s) for x, s in zip(inputs, scales, strict=True)]
 
     def _rerun_at_estimated_sizes(
@@ -362,6 +367,41 @@ class Segmenter:
             rerun = self._scaled_logits([inputs[i] for i in pending], [wanted[i] for i in pending])
             for i, logit in zip(pending, rerun, strict=True):
                 logits[i], scales[i] = logit, wanted[i]
+
+    def _choose_sizes(
+        self, inputs: list[np.ndarray], logits: list[np.ndarray], scales: list[float], which: list[int]
+    ) -> None:
+        """Segment images `which` again as if their estimated diameter were each multiple in
+        prep.diameter_choices, and keep the run whose objects are most solid (solid_fraction).
+
+        The estimate is read off the model's own objects, so its errors feed themselves: a
+        first pass that merges neighbours reads them as large, shrinks the image and merges
+        more. A check from outside the estimate breaks that loop. One model pass per
+        multiple besides 1.0; ties keep the estimate. `logits` and `scales`
+        are updated in place."""
+        prep = self.prep
+        guess = scale_for(prep.data_diameter, prep.train_diameter)
+
+        def solidity(i: int, logit: np.ndarray, scale: float) -> float:
+            applied = self._applied_scale(inputs[i].shape[1:], scale)
+            return solid_fraction(to_prediction(logit, prep, applied).instances)
+
+        estimated = {i: scales[i] for i in which}
+        best = {i: solidity(i, logits[i], scales[i]) for i in which}
+        for multiple in prep.diameter_choices:
+            if multiple == 1.0:
+                continue
+            # A diameter `multiple` times larger means objects need `multiple` times less enlarging.
+            tried = [float(np.clip(estimated[i] / multiple, guess / 4, guess * 4)) for i in which]
+            rerun = self._scaled_logits([inputs[i] for i in which], tried)
+            for i, logit, scale in zip(which, rerun, tried, strict=True):
+                score = solidity(i, logit, scale)
+                if score > best[i]:
+                    best[i], logits[i], scales[i] = score, logit, scale
+        for i in which:
+            log.debug(
+                "image %d: scale %.3f chosen, %.0f%% of object pixels solid", i, scales[i], 100 * best[i]
+            )
 
     def _scaled_logits(self, inputs: list[np.ndarray], scales: list[float]) -> list[np.ndarray]:
         """Model logits of (C, H, W) inputs each rescaled by its factor, resized back to its size."""

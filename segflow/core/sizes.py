@@ -46,6 +46,26 @@ def median_diameter(instances: np.ndarray, outlier: float = 3.0) -> float | None
     return typical(k)
 
 
+# An object whose area fills at least this share of its convex hull counts as solid. Nuclei
+# seen at the right size are nearly convex (0.95 and up); two merged into one, or one cut
+# into pieces by a watershed, are not.
+SOLID = 0.9
+
+
+def solid_fraction(instances: np.ndarray) -> float:
+    """The share of object pixels in objects whose solidity (area / convex hull area) is at
+    least SOLID; 0.0 without objects. Comparing it across the sizes an image was segmented at
+    tells, for convex objects, which size left the fewest merged or fragmented ones."""
+    from skimage.measure import regionprops  # only size choices need it: keep startup light
+
+    solid = total = 0
+    for region in regionprops(instances.astype(np.int32, copy=False)):
+        total += region.area
+        if region.solidity >= SOLID:
+            solid += region.area
+    return solid / total if total else 0.0
+
+
 def scale_for(diameter: float | None, target: float, low: float = 0.25, high: float = 4.0) -> float:
     """The factor that makes objects of `diameter` pixels `target` pixels across (1 if unknown).
 

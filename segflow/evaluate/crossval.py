@@ -125,7 +125,9 @@ def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdi
             for r, s, a in zip(result.rows, images, applied, strict=True)
         ]
     prep = tuning.prep
-    chosen = {k: getattr(prep, k) for k in ("threshold", "seed_threshold", "min_area", "tta")}
+    chosen = {
+        k: getattr(prep, k) for k in ("threshold", "seed_threshold", "min_area", "tta", "diameter_choices")
+    }
     return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept)
 
 

@@ -122,7 +122,7 @@ class EvaluationReport:
         header = ("set", "images", "Dice", "IoU", "AP50", "AP", "count err")
         lines = [
             f"evaluate: threshold {self.prep.threshold}, seed threshold {self.prep.seed_threshold}, "
-            f"min area {self.prep.min_area}, tta {self.prep.tta} ({how})",
+            f"min area {self.prep.min_area}, tta {self.prep.tta}{_sizes(self.prep)} ({how})",
             "  {:<12} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9}".format(*header),
         ]
         named = [(name, s.summary) for name, s in self.scores.items()]
@@ -138,3 +138,9 @@ class EvaluationReport:
             costs = ", ".join(f"{mode} {1000 * s:.0f} ms" for mode, s in self.seconds_per_image.items())
             lines.append(f"  model time per val image by tta: {costs}")
         return "\n".join(lines)
+
+
+def _sizes(prep: Preprocessing) -> str:
+    """The diameter multiples tried per image, when more than the estimate itself."""
+    choices = prep.diameter_choices
+    return "" if choices == [1.0] else ", diameters x" + "/".join(f"{m:g}" for m in choices) + " by solidity"

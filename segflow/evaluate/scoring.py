@@ -151,18 +151,21 @@ class Tuning:
     """What choose_postprocessing chose on val, and what it cost."""
 
     prep: Preprocessing  # the model's preprocessing with the chosen post-processing and TTA
-    grid: list[dict]  # every grid point tried, with its tta and val scores
+    grid: list[dict]  # every grid point tried, with its tta, diameter choices and val scores
     logits: list[np.ndarray]  # the val logits under the chosen TTA
     scales: list[float]  # the factor each val image was resized by for the model
-    seconds_per_image: dict[str, float]  # model time per val image (sizes and tiles included), by TTA
+    # model time per val image (sizes and tiles included), by TTA mode ("flips"; with several
+    # diameter choices "flips_4sizes")
+    seconds_per_image: dict[str, float]
 
 
 def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: InferenceParams) -> Tuning:
     """Pick test-time augmentation and post-processing on the validation split.
 
-    With cfg.tune, every TTA mode in cfg.tta_grid computes the val logits once and
-    tune_postprocessing searches the thresholds for it; the best row overall wins, ties
-    going to the cheaper TTA (config sorts the grid by cost). Without it, params.inference
+    With cfg.tune, every TTA mode in cfg.tta_grid, with every entry of
+    cfg.diameter_choices_grid, computes the val logits once and tune_postprocessing searches
+    the thresholds for it; the best row overall wins, ties going to the cheaper one (config
+    sorts both grids by cost). Without it, params.inference
     (tta included) is used as is. The segmenter's prep is left as chosen.
     """
     base = segmenter.prep.with_postprocess(cfg.model_dump())  # params.inference as it is now
@@ -170,20 +173,28 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
         (logits, scales), seconds = _timed_logits(segmenter, base, val)
         return Tuning(base, [], logits, scales, {base.tta: seconds})
     best, best_score, grid, timings = None, None, [], {}
-    for mode in cfg.tta_grid:
-        (logits, scales), timings[mode] = _timed_logits(segmenter, replace(base, tta=mode), val)
-        prep, table = tune_postprocessing(logits, val, segmenter.prep, cfg, scales)
-        grid += [{"tta": mode} | row for row in table]
+    for mode, choices in _views_and_sizes(base, cfg):
+        name = mode if choices == [1.0] else f"{mode}_{len(choices)}sizes"
+        views = replace(base, tta=mode, diameter_choices=choices)
+        (logits, scales), timings[name] = _timed_logits(segmenter, views, val)
+        prep, table = tune_postprocessing(logits, val, views, cfg, scales)
+        grid += [{"tta": mode, "diameter_choices": choices} | row for row in table]
         metric = cfg.tune_metric if cfg.tune_metric in table[0] else "dice"
         top = max(table, key=lambda row: (row[metric], -row.get("count_error", 0.0)))
         score = (top[metric], -top.get("count_error", 0.0))
-        log.info(
-            "tta %s: best val %s %.4f, %.0f ms per image", mode, metric, top[metric], 1000 * timings[mode]
-        )
+        log.info("%s: best val %s %.4f, %.0f ms per image", name, metric, top[metric], 1000 * timings[name])
         if best_score is None or score > best_score:
             best_score, best = score, (prep, logits, scales)
     segmenter.prep = best[0]
     return Tuning(best[0], grid, best[1], best[2], timings)
+
+
+def _views_and_sizes(prep: Preprocessing, cfg: InferenceParams) -> list[tuple[str, list[float]]]:
+    """The (tta, diameter_choices) pairs tuning tries, cheapest first within each mode. Size
+    choices act only where sizes are estimated (a size-normalised model, diameter auto)."""
+    estimated = prep.train_diameter and prep.diameter == "auto"
+    sizes = cfg.diameter_choices_grid if estimated else [[1.0]]
+    return [(mode, choices) for mode in cfg.tta_grid for choices in sizes]
 
 
 def _timed_logits(

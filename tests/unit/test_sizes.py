@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
+from scipy.ndimage import label
 
+from segflow.config import InferenceParams
 from segflow.core.inference import Preprocessing, Segmenter
-from segflow.core.sizes import median_diameter, resize_labels, resize_planes, scale_for
+from segflow.core.sizes import median_diameter, resize_labels, resize_planes, scale_for, solid_fraction
+from segflow.data.samples import Sample
 from segflow.errors import UserError
+from segflow.evaluate.scoring import choose_postprocessing
 
 
 def disks(size: int, radius: int, spacing: int) -> np.ndarray:
@@ -173,3 +178,102 @@ def test_scaled_logits_report_the_factor_each_image_was_resized_by():
     assert [logit.shape[1:] for logit in logits] == [(128, 128), (64, 64)]
     assert scales == pytest.approx([0.5, 2.0])
     assert _segmenter(DiskModel(), train_diameter=0.0).scaled_logits(images)[1] == [1.0, 1.0]
+
+
+def pairs(size: int, radius: int, gap: int, spacing: int) -> np.ndarray:
+    """(size, size) uint16 ids: a grid of disk pairs side by side, `gap` pixels apart."""
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((size, size), np.uint16)
+    n = 0
+    for cy in range(spacing // 2, size - radius, spacing):
+        for cx in range(spacing // 2, size - 3 * radius - gap, spacing):
+            for x in (cx, cx + 2 * radius + gap):
+                n += 1
+                out[(yy - cy) ** 2 + (xx - x) ** 2 <= radius**2] = n
+    return out
+
+
+def test_solid_fraction_is_the_share_of_object_pixels_in_convex_objects():
+    assert solid_fraction(disks(128, 10, 32)) == pytest.approx(1.0)
+    dumbbells = (pairs(128, 10, 6, 64) > 0).astype(np.uint16)
+    dumbbells[28:36, 40:50] = 1  # each pair joined by an 8-pixel bar: about 0.8 of its convex hull
+    dumbbells[92:100, 40:50] = 1
+    joined = label(dumbbells)[0].astype(np.uint16)
+    assert joined.max() == 2 and solid_fraction(joined) == 0.0
+    half = joined.copy()
+    half[64:] = disks(128, 10, 32)[64:]  # the top half a dumbbell, the bottom convex disks
+    assert 0.6 < solid_fraction(half) < 0.85
+    assert solid_fraction(np.zeros((16, 16), np.uint16)) == 0.0
+
+
+class MergingModel(DiskModel):
+    """Like DiskModel, but at 200 px or more per side it joins neighbours closer than 9 px
+    (a horizontal closing of both channels), as a network shown objects smaller than it
+    learned merges touching ones."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = super().__call__(batch)
+        if batch.shape[2] >= 200:
+            kernel = np.ones((1, 9), np.uint8)
+            for plane in out.reshape(-1, *out.shape[2:]):
+                joined = cv2.morphologyEx((plane > 0).astype(np.uint8), cv2.MORPH_CLOSE, kernel)
+                plane[joined > 0] = 8.0
+        return out
+
+
+def merging_case() -> tuple[np.ndarray, int]:
+    """An image of 8 pairs of 20 px disks 6 px apart, and its number of disks."""
+    truth = pairs(256, 10, 6, 64)
+    return (truth > 0).astype(np.uint8) * 255, int(truth.max())
+
+
+def test_auto_alone_can_settle_on_a_size_that_merges_neighbours():
+    image, count = merging_case()
+    model = MergingModel()
+    [prediction] = _segmenter(model, diameter="auto").predict([image])
+    # Pass 1 (native) merges pairs, reads them as ~30 px and shrinks the image; pass 2 sees
+    # single disks about 20 px across, so pass 3 goes back near native, where pairs merge again.
+    assert model.shapes == [(256, 256), (172, 172), (232, 232)]
+    assert prediction.instances.max() == count // 2
+
+
+def test_diameter_choices_keep_the_size_whose_objects_are_convex():
+    image, count = merging_case()
+    model = MergingModel()
+    [prediction] = _segmenter(model, diameter="auto", diameter_choices=[1.0, 1.5]).predict([image])
+    # One more pass, as if objects were 1.5x the estimate: 232 px / 1.5, no merging.
+    assert model.shapes[3:] == [(154, 154)]
+    assert prediction.instances.max() == count
+    assert prediction.instances.shape == image.shape
+
+
+def test_diameter_choices_keep_the_estimate_on_ties_and_never_override_a_given_diameter():
+    image = (disks(128, 10, 32) > 0).astype(np.uint8) * 255  # 20 px disks: the trained size
+    model = DiskModel()
+    segmenter = _segmenter(model, diameter="auto", diameter_choices=[0.8, 1.0, 1.25])
+    scales = segmenter.scaled_logits([image])[1]
+    assert model.shapes == [(128, 128), (160, 160), (102, 102)]  # the estimate, then x0.8, x1.25
+    assert scales == [1.0]  # every run all convex: the estimate stays
+    model.shapes.clear()
+    segmenter.predict([image], diameters=[40.0])
+    assert model.shapes == [(64, 64)]  # a diameter the user gives is used as given
+
+
+def test_tuning_tries_each_set_of_diameter_choices_on_val_and_keeps_the_best():
+    image, _ = merging_case()
+    truth = pairs(256, 10, 6, 64)
+    val = [Sample("pairs", image, (truth > 0).astype(np.uint8), truth)]
+    cfg = InferenceParams(
+        diameter_choices_grid=[[1.0], [1.0, 1.5]],
+        threshold_grid=[0.5],
+        seed_threshold_grid=[0.5],
+        min_area_grid=[0],
+    )
+    tuning = choose_postprocessing(_segmenter(MergingModel(), diameter="auto"), val, cfg)
+    assert tuning.prep.diameter_choices == [1.0, 1.5]
+    assert [row["diameter_choices"] for row in tuning.grid] == [[1.0], [1.0, 1.5]]
+    assert [row["ap50"] for row in tuning.grid] == [0.0, 1.0]  # merged pairs match no disk at IoU 0.5
+    assert set(tuning.seconds_per_image) == {"none", "none_2sizes"}
+    # A model at native scale estimates no sizes: the choices are not tried.
+    native = choose_postprocessing(_segmenter(MergingModel(), train_diameter=0.0), val, cfg)
+    assert [row["diameter_choices"] for row in native.grid] == [[1.0]]

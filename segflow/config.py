@@ -329,11 +329,10 @@ class InferenceParams(_Section):
     # With diameter auto: multipliers of each image's estimated diameter also tried; the one
     # whose objects are most convex wins (segflow.core.sizes.solid_fraction). For convex
     # objects (nuclei): a wrong size merges neighbours or cuts objects, both concave. [1.0]:
-    # the estimate as it is, one model pass fewer per choice.
+    # the estimate as it is; each further multiplier costs one model pass.
     diameter_choices: list[float] = [1.0]
-    diameter_choices_grid: list[list[float]] = [
-        [1.0]
-    ]  # what tune tries on val (then diameter_choices is unused)
+    # What tune tries on val (then diameter_choices is unused).
+    diameter_choices_grid: list[list[float]] = [[1.0]]
     tta: Literal["none", "flips", "d4"] = "none"  # test-time augmentation (used as is when tune is false)
     tta_grid: list[Literal["none", "flips", "d4"]] = ["none"]  # what tune tries on val (then tta is unused)
     tune: bool = True  # evaluate picks threshold, seed_threshold and min_area on the validation split

@@ -377,8 +377,8 @@ class Segmenter:
         The estimate is read off the model's own objects, so its errors feed themselves: a
         first pass that merges neighbours reads them as large, shrinks the image and merges
         more. A check from outside the estimate breaks that loop. One model pass per
-        multiple besides 1.0; ties keep the estimate. `logits` and `scales`
-        are updated in place."""
+        multiple besides 1.0; ties keep the estimate. `logits` and `scales` are updated in
+        place."""
         prep = self.prep
         guess = scale_for(prep.data_diameter, prep.train_diameter)
 

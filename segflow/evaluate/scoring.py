@@ -165,8 +165,8 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
     With cfg.tune, every TTA mode in cfg.tta_grid, with every entry of
     cfg.diameter_choices_grid, computes the val logits once and tune_postprocessing searches
     the thresholds for it; the best row overall wins, ties going to the cheaper one (config
-    sorts both grids by cost). Without it, params.inference
-    (tta included) is used as is. The segmenter's prep is left as chosen.
+    sorts both grids by cost). Without it, params.inference (tta included) is used as is.
+    The segmenter's prep is left as chosen.
     """
     base = segmenter.prep.with_postprocess(cfg.model_dump())  # params.inference as it is now
     if not cfg.tune:

@@ -60,6 +60,8 @@ def test_static_int8_quantization_of_a_real_model(tmp_path):
     int8 = Segmenter.from_onnx(tmp_path / INT8_FILE, PREP)
     a, b = fp32.logits(images[:1])[0], int8.logits(images[:1])[0]
     assert a.shape == b.shape == (1, 40, 48)  # dynamic sizes survive quantization
+    # Full-range weights overflow the 16-bit pair sums of CPUs without VNNI (33% off on an
+    # AVX2 machine); the 7-bit weights quantize() writes stay close on every CPU.
     assert np.abs(a - b).max() < 0.1 * (np.abs(a).max() + 1e-6)
 
 

@@ -260,30 +260,6 @@ class TrainParams(_Section):
             )
         return crop
 
-    @field_validator("architecture")
-    @classmethod
-    def _known_architecture(cls, name: str) -> str:
-        from segflow.train.models import architecture_names
-
-        choices = architecture_names()
-        if name not in choices:
-            raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(choices)}")
-        return name
-
-    @field_validator("encoder")
-    @classmethod
-    def _known_encoder(cls, name: str) -> str:
-        from segflow.train.models import encoder_names
-
-        choices = encoder_names()
-        if name not in choices:
-            close = [c for c in choices if c.startswith(name[:4])][:12] or choices[:12]
-            raise ValueError(
-                f"unknown encoder {name!r}; for example: {', '.join(close)} "
-                f"({len(choices)} in all, see segmentation_models_pytorch's encoder list)"
-            )
-        return name
-
     @field_validator("encoder_weights")
     @classmethod
     def _weights_are_local(cls, value: str | None) -> str | None:

@@ -42,8 +42,35 @@ def output_channels(base: BaseParams, interior: bool = False) -> int:
     return (1 if len(base.classes) == 2 else len(base.classes)) + int(interior)
 
 
+def check_model_names(train: TrainParams) -> None:
+    """Refuse an architecture or encoder segmentation_models_pytorch does not know, naming the
+    params.yaml key and the choices.
+
+    This is not a params.yaml validator because knowing the names means importing smp (torch,
+    timm, torchvision: about 6 s), which every stage would then pay, ingest and split too; a
+    name only matters where a network is built, and training checks it before anything else.
+    """
+    from segflow.config import PARAMS_FILE, ParamsError
+
+    problems = []
+    if train.architecture not in architecture_names():
+        problems.append(
+            f"train.architecture: unknown architecture {train.architecture!r}; "
+            f"choose one of: {', '.join(architecture_names())}"
+        )
+    if train.encoder not in (choices := encoder_names()):
+        close = [c for c in choices if c.startswith(train.encoder[:4])][:12] or choices[:12]
+        problems.append(
+            f"train.encoder: unknown encoder {train.encoder!r}; for example: {', '.join(close)} "
+            f"({len(choices)} in all, see segmentation_models_pytorch's encoder list)"
+        )
+    if problems:
+        raise ParamsError(f"{PARAMS_FILE} is invalid:\n" + "\n".join(f"  - {line}" for line in problems))
+
+
 def model_spec(base: BaseParams, train: TrainParams, interior: bool = False) -> dict:
     """Everything needed to rebuild the network, saved beside its weights."""
+    check_model_names(train)
     spec = {
         "architecture": train.architecture,
         "encoder": train.encoder,

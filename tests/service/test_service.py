@@ -302,11 +302,16 @@ def test_warning_when_no_token(server):
 
 
 def test_cli_predict_matches_the_service(server, built_repo, sample_images, tmp_path):
-    """`segflow predict` writes exactly what the service answers (timings aside)."""
+    """`segflow predict` writes exactly what the service answers (timings aside), in the
+    precision the service chose (`auto` times both in each process; close timings may differ)."""
     out = tmp_path / "predictions"
     picked = sample_images[2:4]
     formats = ["--formats", "roi", "geojson"]
-    run(["segflow", "predict", *map(str, picked), "--out", str(out), *formats], built_repo)
+    precision = httpx.get(f"{server.url}/metadata").json()["precision"]["precision"]
+    run(
+        ["segflow", "predict", *map(str, picked), "--out", str(out), *formats, "--precision", precision],
+        built_repo,
+    )
     for path in picked:
         data = path.read_bytes()
         service = post(server, "/segment", {"image": data}).json()

@@ -106,9 +106,13 @@ def test_the_shipped_bento_answers_like_segflow_predict(shipped: dict, built_rep
     assert response.status_code == 200, response.text
     served = response.json()
 
-    # The same model through the CLI (the development install, as a user runs it).
+    # The same model through the CLI (the development install, as a user runs it), in the
+    # precision the service runs: `auto` times fp32 against INT8 in each process, and on a CPU
+    # where they are close the two processes may choose differently.
+    precision = httpx.get(f"{shipped['url']}/metadata", timeout=10).json()["precision"]["precision"]
     out = tmp_path / "predictions"
-    run(["segflow", "predict", str(image), "--model", "artifacts/export", "--out", str(out)], built_repo)
+    predict = ["segflow", "predict", str(image), "--model", "artifacts/export", "--out", str(out)]
+    run([*predict, "--precision", precision], built_repo)
     local = json.loads((out / f"{image.stem}.json").read_text())
     assert served["object_count"] == local["object_count"] > 0
     key = ("class", "area", "bbox", "polygon")

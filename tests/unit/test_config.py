@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,8 +81,17 @@ def test_split_ratios_not_summing_to_one_name_split_and_the_sum():
     assert "1.1" in message
 
 
+def _model_names_error(train: dict) -> str:
+    from segflow.train.models import check_model_names
+
+    params = parse_params({"train": train})  # valid params.yaml: names are checked where a net is built
+    with pytest.raises(ParamsError) as info:
+        check_model_names(params.train)
+    return str(info.value)
+
+
 def test_unknown_encoder_names_the_key_and_suggests_close_names():
-    message = error_of({"train": {"encoder": "resnet1"}})
+    message = _model_names_error({"encoder": "resnet1"})
 
     assert "train.encoder" in message
     assert "'resnet1'" in message
@@ -88,11 +99,20 @@ def test_unknown_encoder_names_the_key_and_suggests_close_names():
 
 
 def test_unknown_architecture_lists_the_architectures():
-    message = error_of({"train": {"architecture": "Unett"}})
+    message = _model_names_error({"architecture": "Unett"})
 
     assert "train.architecture" in message
     assert "'Unett'" in message
     assert "Unet" in message and "FPN" in message
+
+
+def test_loading_params_does_not_import_the_training_libraries():
+    # Every stage loads params.yaml; importing smp there cost ingest and split about 6 s each.
+    code = "import sys; from segflow.config import load_params; load_params(); print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert result.stdout.strip() == "False"
 
 
 def test_named_encoder_weights_are_rejected_because_they_would_download():

@@ -8,9 +8,10 @@ once and served anywhere, so it must be right on both; on a 2-core AVX2 machine 
 weights put a small convolutional net a third of its output range off fp32, 7-bit ones 2.6%
 (tests/unit/test_precision.py).
 On CPUs with AVX-512 VNNI these run integer dot products and a U-Net runs about 2.4x the fp32
-images per second; QDQ with int8 activations gave no speed-up on the same CPU (issue 14), and
-CPUs without VNNI may gain nothing, which is why the service measures before choosing
-(segflow.serve.precision). `quant_pre_process` first folds and shape-infers the graph, as
+images per second; QDQ with int8 activations gave no speed-up on the same CPU (issue 14). A
+2-core AVX2 machine without VNNI ran the sample U-Net 1.7x fp32 but a small 64x64 network
+slower in INT8, which is why the service measures before choosing (segflow.serve.precision).
+`quant_pre_process` first folds and shape-infers the graph, as
 ONNX Runtime recommends.
 
 The accuracy check runs both models through segflow.core.inference with the tuned

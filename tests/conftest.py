@@ -114,12 +114,6 @@ def make_tiny_repo(dest: Path, params: dict | None = None, count: int = 16, size
     return dest
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `longest` run first: started last, one would run alone for minutes while
-    the other pytest-xdist worker, out of work, waited (longest-first scheduling)."""
-    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
-
-
 @pytest.fixture(autouse=True)
 def _mlflow_env_restored():
     """Put MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI back after every test.

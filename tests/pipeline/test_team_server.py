@@ -59,7 +59,6 @@ def _tags(entity: dict) -> dict:
     return {t["key"]: t["value"] for t in entity.get("tags", [])}
 
 
-@pytest.mark.longest
 def test_pipeline_promotion_rollback_and_predict_run_unchanged_against_the_server(
     tracking_server, repo_copy, tmp_path
 ):

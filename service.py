@@ -64,11 +64,22 @@ with bentoml.importing():
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "segflow" / "serve" / "static"
+BUILT_WITH = getattr(bentoml.use_arguments(), "model_tag", None)  # a built Bento: its model
 MODEL_TAG = (
-    getattr(bentoml.use_arguments(), "model_tag", None)  # a built Bento: the model it was built with
+    BUILT_WITH
     or os.environ.get("SEGFLOW_MODEL_TAG")
     or champion_model_tag(HERE)  # a checkout: its last promotion's model
 )
+if not BUILT_WITH:
+    try:  # BentoML's own message would only say it found no cloud to fetch the model from
+        bentoml.models.get(MODEL_TAG)
+    except (bentoml.exceptions.NotFound, ValueError):  # ValueError: not even a valid tag
+        raise SystemExit(
+            f"error: no model {MODEL_TAG!r} in the BentoML store "
+            f"({os.environ.get('BENTOML_HOME') or '~/bentoml'}): the promote stage imports the "
+            "champion there, so run `dvc repro` in this checkout (or `segflow promote` for the gate "
+            "alone), or set SEGFLOW_MODEL_TAG to a model `bentoml models list` shows"
+        ) from None
 # serve section of params.yaml (the Bento carries its copy); read here because the worker
 # count must be known when the service is declared.
 CONFIG = load_serve_params(os.environ.get("SEGFLOW_PARAMS") or HERE / "params.yaml")

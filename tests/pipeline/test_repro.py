@@ -86,6 +86,30 @@ def test_second_repro_runs_nothing_and_status_is_clean(built_repo: Path):
     assert "up to date" in status.stdout, status.stdout
 
 
+def test_a_fresh_clone_runs_the_gate_and_can_serve_its_champion(repo_copy: Path, tmp_path: Path):
+    """The README's first run: clone, get the data (no remote for the rest), `dvc repro`.
+    The clone's registry and BentoML store start empty, so its gate must run there even though
+    dvc.lock says every other output is what the committed code makes."""
+    run(["git", "add", "-A"], repo_copy)
+    run(["git", "commit", "-qm", "pipeline run"], repo_copy)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo_copy), str(clone)], tmp_path)
+    assert not (clone / "reports/promotion.json").exists()  # in DVC's cache, not in git
+    # The data alone, as `make data` regenerates it; the copy's cache serves as a local remote.
+    run(["dvc", "remote", "add", "--local", "-d", "origin", str(repo_copy / ".dvc/cache")], clone)
+    run(["dvc", "pull", "-q", "data.dvc"], clone)
+    repro = run(["dvc", "repro"], clone).stdout
+    assert "Running stage 'promote'" in repro, repro
+    record = json.loads((clone / "logs/release.json").read_text())
+    assert record["decision"]["promote"], record["decision"]
+    tag = record["serving"]["model_tag"]
+    run(["bentoml", "models", "get", tag], clone)  # in the clone's own store: what the service serves
+    # Same data and code: the same decision, and nothing for git to record.
+    report = "reports/promotion.json"
+    assert (clone / report).read_bytes() == (repo_copy / report).read_bytes()
+    assert run(["git", "status", "--porcelain"], clone).stdout == ""
+
+
 def test_changing_epochs_reruns_the_model_stages_and_going_back_restores_them_from_the_run_cache(
     repo_copy: Path,
 ):

@@ -139,3 +139,19 @@ def test_a_checkout_serves_the_model_its_own_promotion_imported(tmp_path: Path):
     assert champion_model_tag(tmp_path) == "segflow-segmenter:abc123"
     record.write_text('{"serving": null}')  # refused before any champion existed
     assert champion_model_tag(tmp_path) == "segflow-segmenter:latest"
+
+
+def test_serving_a_checkout_with_no_model_in_the_store_says_how_to_get_one(tmp_path: Path):
+    """`bentoml serve service:svc` before any promotion here (an empty BentoML store): one line
+    naming the model and the command that imports it, not BentoML's "no cloud context"."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "store"), "BENTOML_DO_NOT_TRACK": "True"}
+    env.pop("SEGFLOW_MODEL_TAG", None)
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-c", "import service"]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "no model 'segflow-segmenter:" in result.stderr, result.stderr
+    assert "run `dvc repro`" in result.stderr, result.stderr

@@ -77,8 +77,10 @@ if not BUILT_WITH:
         raise SystemExit(
             f"error: no model {MODEL_TAG!r} in the BentoML store "
             f"({os.environ.get('BENTOML_HOME') or '~/bentoml'}): the promote stage imports the "
-            "champion there, so run `dvc repro` in this checkout (or `segflow promote` for the gate "
-            "alone), or set SEGFLOW_MODEL_TAG to a model `bentoml models list` shows"
+            "champion there, so run `dvc repro` in this checkout; where it has nothing to run "
+            "(outputs pulled from a DVC remote), `dvc repro --force --single-item export` registers "
+            "the model in this checkout's store and `segflow promote` then imports it. Or set "
+            "SEGFLOW_MODEL_TAG to a model `bentoml models list` shows"
         ) from None
 # serve section of params.yaml (the Bento carries its copy); read here because the worker
 # count must be known when the service is declared.

@@ -1,11 +1,14 @@
 """A DVC remote over SSH: a real OpenSSH server (Debian's openssh-server) on loopback.
 
 `dvc push` sends the data and every stage output; a fresh `git clone` with `dvc pull` then
-has the whole pipeline up to date: `dvc status` is clean and `dvc repro` runs nothing.
+has the whole pipeline up to date: `dvc status` is clean and `dvc repro` runs nothing. Its
+own registry and BentoML store start empty: re-registering the pulled export and `segflow
+promote` give it a model to serve (what the README and the service's error say to do).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -92,3 +95,11 @@ def test_push_then_a_fresh_clone_pulls_a_pipeline_with_nothing_to_run(ssh_server
     assert UP_TO_DATE in run(["dvc", "status"], clone).stdout
     repro = run(["dvc", "repro"], clone).stdout
     assert "Running stage" not in repro and UP_TO_DATE in repro, repro
+
+    # The clone's own stores are empty: the README's way to serve from it registers the pulled
+    # model there (the same files again: dvc.lock unchanged) and runs the gate.
+    run(["dvc", "repro", "--force", "--single-item", "export"], clone)
+    assert run(["git", "status", "--porcelain", "dvc.lock"], clone).stdout == ""
+    run(["segflow", "promote"], clone)
+    tag = json.loads((clone / "logs/release.json").read_text())["serving"]["model_tag"]
+    run(["bentoml", "models", "get", tag], clone)

@@ -43,6 +43,7 @@ with bentoml.importing():
 
     from segflow.core.inference import Preprocessing, Segmenter, to_prediction
     from segflow.core.measurements import channel_count, measure_objects
+    from segflow.errors import UserError
     from segflow.serve.answers import (
         LABEL_FORMATS,
         answer,
@@ -60,6 +61,7 @@ with bentoml.importing():
     from segflow.serve.precision import warmup_images
     from segflow.serve.settings import champion_model_tag, load_serve_params, onnx_threads
     from segflow.serve.slowclients import bound_header_time
+    from segflow.serve.stored import stored_model
     from segflow.serve.uploads import UploadError, UploadLimits, decode_upload
 
 HERE = Path(__file__).resolve().parent
@@ -70,18 +72,11 @@ MODEL_TAG = (
     or os.environ.get("SEGFLOW_MODEL_TAG")
     or champion_model_tag(HERE)  # a checkout: its last promotion's model
 )
-if not BUILT_WITH:
-    try:  # BentoML's own message would only say it found no cloud to fetch the model from
-        bentoml.models.get(MODEL_TAG)
-    except (bentoml.exceptions.NotFound, ValueError):  # ValueError: not even a valid tag
-        raise SystemExit(
-            f"error: no model {MODEL_TAG!r} in the BentoML store "
-            f"({os.environ.get('BENTOML_HOME') or '~/bentoml'}): the promote stage imports the "
-            "champion there, so run `dvc repro` in this checkout; where it has nothing to run "
-            "(outputs pulled from a DVC remote), `dvc repro --force --single-item export` registers "
-            "the model in this checkout's store and `segflow promote` then imports it. Or set "
-            "SEGFLOW_MODEL_TAG to a model `bentoml models list` shows"
-        ) from None
+if not BUILT_WITH:  # a checkout: the model must be in this machine's store
+    try:
+        stored_model(MODEL_TAG)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
 # serve section of params.yaml (the Bento carries its copy); read here because the worker
 # count must be known when the service is declared.
 CONFIG = load_serve_params(os.environ.get("SEGFLOW_PARAMS") or HERE / "params.yaml")

@@ -245,15 +245,13 @@ def _open_model(ref: str, precision: str):
         info = model_info({}, None)  # an export folder is not a registry version
     else:
         from segflow.release.bento import load_bentoml
+        from segflow.serve.stored import stored_model
 
-        bentoml = load_bentoml()
+        load_bentoml()  # offline
         try:
-            stored = bentoml.models.get(ref)
-        except (bentoml.exceptions.NotFound, ValueError):  # ValueError: not even a valid tag
-            raise FileNotFoundError(
-                f"no model {ref!r} in the BentoML store; run `dvc repro` (promotion imports the "
-                "champion) or pass --model artifacts/export"
-            ) from None
+            stored = stored_model(ref)
+        except UserError as exc:
+            raise FileNotFoundError(f"{exc}; or pass --model artifacts/export") from None
         folder = Path(stored.path)
         info = model_info(dict(stored.info.labels), str(stored.tag))
     prep = Preprocessing.load(folder / "preprocessing.json")

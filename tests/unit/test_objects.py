@@ -20,6 +20,18 @@ def test_rle_matches_pycocotools(seed):
     assert np.array_equal(decode_coco_rle(ours), binary)
 
 
+def test_rle_matches_pycocotools_for_long_runs_and_large_differences():
+    """Runs of hundreds of thousands of pixels beside single pixels: counts of four and more
+    5-bit groups, and differences far below zero (the sign-extension path)."""
+    binary = np.zeros((900, 1100), bool)
+    binary[3, 7] = True
+    binary[400:405, 500:900] = True
+    binary[-1, -1] = True
+    reference = coco.encode(np.asfortranarray(binary.astype(np.uint8)))["counts"].decode()
+    assert coco_rle(binary)["counts"] == reference
+    assert np.array_equal(decode_coco_rle(coco_rle(binary)), binary)
+
+
 def test_rle_edge_cases():
     for binary in (np.zeros((3, 4), bool), np.ones((3, 4), bool)):
         rle = coco_rle(binary)

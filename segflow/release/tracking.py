@@ -320,6 +320,15 @@ def flatten(prefix: str, data: dict) -> dict[str, object]:
     return flat
 
 
+def onnx_requirements() -> list[str]:
+    """The pins a registered ONNX version needs to load as an MLflow pyfunc (MLflow adds its
+    own). The same list MLflow infers, read from this environment: its inference starts a
+    subprocess that imports the model's flavour, seven of the export stage's 20 seconds."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("numpy", "onnx", "onnxruntime")]
+
+
 def register_onnx(
     parent_id: str,
     onnx_path: Path,
@@ -365,6 +374,7 @@ def register_onnx(
             metadata={"preprocessing": prep},
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
+            pip_requirements=onnx_requirements(),
         )
     version = str(info.registered_model_version)
     client = MlflowClient()

@@ -7,6 +7,7 @@ MLflow store. Nothing is mocked: the stages run under the real `dvc`.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -131,12 +132,32 @@ def _mlflow_env_restored():
             os.environ[name] = value
 
 
-@pytest.fixture(scope="session")
-def built_repo(tmp_path_factory) -> Path:
-    """A tiny copy on which `dvc repro` has run once, successfully."""
-    repo = make_tiny_repo(tmp_path_factory.mktemp("pipeline"))
+def _build(repo: Path) -> Path:
+    make_tiny_repo(repo)
     result = run(["dvc", "repro"], repo)
-    (repo / "first_repro.log").write_text(result.stdout + result.stderr)
+    (repo / "first_repro.log").write_text(result.stdout + result.stderr)  # its presence: built
+    return repo
+
+
+@pytest.fixture(scope="session")
+def built_repo(tmp_path_factory, worker_id) -> Path:
+    """A tiny copy on which `dvc repro` has run once, successfully.
+
+    Built once per test run and shared by the pytest-xdist workers: each worker building its
+    own cost about 100 s of CPU apiece, on the same two cores the other tests need. Tests only
+    read it; a test that changes anything (files, params, even a `dvc` command's lock and
+    index files) takes repo_copy, so the other workers never see a half-changed repository.
+    """
+    if worker_id == "master":  # no xdist
+        return _build(tmp_path_factory.mktemp("pipeline"))
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, the same for every worker
+    with (shared / "built_repo.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker builds; the others wait for it
+        repo = shared / "built-repo"
+        if not (repo / "first_repro.log").is_file():
+            shutil.rmtree(repo, ignore_errors=True)  # what a build that failed left behind
+            repo.mkdir()
+            _build(repo)
     return repo
 
 

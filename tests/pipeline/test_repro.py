@@ -78,11 +78,11 @@ def test_splits_are_disjoint_and_cover_the_data(built_repo: Path):
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
 
 
-def test_second_repro_runs_nothing_and_status_is_clean(built_repo: Path):
-    again = run(["dvc", "repro"], built_repo)
+def test_second_repro_runs_nothing_and_status_is_clean(repo_copy: Path):
+    again = run(["dvc", "repro"], repo_copy)
     assert "Running stage" not in again.stdout
     assert "up to date" in again.stdout
-    status = run(["dvc", "status"], built_repo)
+    status = run(["dvc", "status"], repo_copy)
     assert "up to date" in status.stdout, status.stdout
 
 
@@ -139,15 +139,11 @@ def test_changing_epochs_reruns_the_model_stages_and_going_back_restores_them_fr
     assert "Running stage 'promote'" in rest  # it acts on the registry: never restored from a file
 
 
-def test_tuning_grids_rerun_evaluation_not_training(built_repo: Path):
-    params = yaml.safe_load((built_repo / "params.yaml").read_text())
-    original = (built_repo / "params.yaml").read_text()
+def test_tuning_grids_rerun_evaluation_not_training(repo_copy: Path):
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     params["inference"]["seed_threshold_grid"] = [0.5]
-    (built_repo / "params.yaml").write_text(yaml.safe_dump(params))
-    try:
-        status = run(["dvc", "status"], built_repo).stdout
-    finally:
-        (built_repo / "params.yaml").write_text(original)
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    status = run(["dvc", "status"], repo_copy).stdout
     assert "evaluate:" in status and "train:" not in status, status
 
 

@@ -147,6 +147,9 @@ def built_repo(tmp_path_factory, worker_id) -> Path:
     own cost about 100 s of CPU apiece, on the same two cores the other tests need. Tests only
     read it; a test that changes anything (files, params, even a `dvc` command's lock and
     index files) takes repo_copy, so the other workers never see a half-changed repository.
+    One exception, older than the sharing: a copy's MLflow store keeps this repository's
+    absolute artifact folder, so the copies' runs add their models under its mlartifacts/
+    (new folders only; nothing a test reads changes).
     """
     if worker_id == "master":  # no xdist
         return _build(tmp_path_factory.mktemp("pipeline"))

@@ -153,18 +153,15 @@ def _encode_counts(runs: list[int]) -> str:
     values = np.asarray(runs, dtype=np.int64)
     if len(values) > 3:
         values[3:] = values[3:] - np.asarray(runs[1:-2], dtype=np.int64)
-    groups, more, emitted = [], [], np.ones(len(values), bool)
-    rest = values
+    columns, emitted, rest = [], np.ones(len(values), bool), values
     while emitted.any():
         group = rest & 0x1F
         rest = rest >> 5  # arithmetic: negative values run down to -1
         goes_on = np.where(group & 0x10, rest != -1, rest != 0) & emitted
-        groups.append(np.where(emitted, group, -1))
-        more.append(goes_on)
+        columns.append(np.where(emitted, group + 0x20 * goes_on + 48, -1))  # -1: no such group
         emitted = goes_on
-    codes = np.stack(groups, axis=1) + 0x20 * np.stack(more, axis=1) + 48  # (runs, groups)
-    kept = np.stack(groups, axis=1) >= 0  # row-major: each count's groups in order
-    return codes[kept].astype(np.uint8).tobytes().decode("ascii")
+    codes = np.stack(columns, axis=1)  # (runs, groups); row-major: each count's groups in order
+    return codes[codes >= 0].astype(np.uint8).tobytes().decode("ascii")
 
 
 def decode_coco_rle(rle: dict) -> np.ndarray:

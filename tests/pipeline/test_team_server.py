@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from segflow.release.teamserver import server_command, start_postgres, stop_postgres
 from tests.conftest import free_port, run
@@ -62,10 +61,12 @@ def _tags(entity: dict) -> dict:
 def test_pipeline_promotion_rollback_and_predict_run_unchanged_against_the_server(
     tracking_server, repo_copy, tmp_path
 ):
-    repo = repo_copy  # a built tiny copy: every stage runs again (-f), now against the server
+    # A built tiny copy: the model stages run again (-f from train on), now against the server.
+    # The data stages log through the same code; re-running them would only cost time.
+    repo = repo_copy
     (repo / "mlflow.db").unlink()
     env = {"MLFLOW_TRACKING_URI": tracking_server}
-    run(["dvc", "repro", "-f"], repo, env=env)
+    run(["dvc", "repro", "-f", "--downstream", "train"], repo, env=env)
     assert not (repo / "mlflow.db").exists()  # every run went to the server
 
     api = httpx.Client(base_url=f"{tracking_server}/api/2.0/mlflow", timeout=30)
@@ -97,32 +98,21 @@ def test_pipeline_promotion_rollback_and_predict_run_unchanged_against_the_serve
     path = Path(run(["python", "-c", code, tracking_server, str(fetched)], repo, env=env).stdout.strip())
     assert (path / "model.onnx").read_bytes() == onnx
 
-    # A second champion, then rollback: both through the server's registry. Other post-processing
-    # (evaluate and export re-run, training does not) makes a new version of the same network.
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["inference"] |= {"tune": False, "threshold": 0.45, "seed_threshold": 0.6}
-    params["promote"]["max_regression"] = {"dice": 1.0, "iou": 1.0, "ap50": 1.0}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    run(["dvc", "repro"], repo, env=env)
-    assert _champion(api)["version"] == "2"
-    assert "version 2 -> version 1" in run(["segflow", "rollback"], repo, env=env).stdout
-    assert _champion(api)["version"] == "1"
-
-    image = sorted((repo / "data/images").glob("*.png"))[0]
-    out = run(["segflow", "predict", str(image), "--out", "predictions"], repo, env=env)
-    assert "objects" in out.stdout and (repo / "predictions" / f"{image.stem}_labels.png").is_file()
-
     # Parallel experiments: two queued runs under `dvc queue start -j 2` both land in the
-    # server, each with its own parameters and metrics.
+    # server, each with its own parameters and metrics. The regression allowance is opened wide
+    # (the gate's arithmetic has its own tests), so both promote, taking turns under the
+    # promotion lock, and the champion's history through the server is 1, then one, then the other.
+    wide = [f"promote.max_regression.{metric}=1.0" for metric in ("dice", "iou", "ap50")]
     for name, lr in (("lr-low", 0.002), ("lr-high", 0.004)):
-        run(["dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}", "-n", name], repo, env=env)
+        overrides = [arg for change in (f"train.lr={lr}", *wide) for arg in ("-S", change)]
+        run(["dvc", "exp", "run", "--queue", *overrides, "-n", name], repo, env=env)
     run(["dvc", "queue", "start", "-j", "2"], repo, env=env)
     deadline = time.monotonic() + 900
     while True:
         status = run(["dvc", "queue", "status"], repo, env=env).stdout
         if status.count("Success") == 2 or "Failed" in status or time.monotonic() > deadline:
             break
-        time.sleep(3)
+        time.sleep(5)  # each `dvc queue status` costs a second of CPU the experiments need
     logs = run(["dvc", "queue", "logs", "lr-low"], repo, check=False).stdout
     assert status.count("Success") == 2, status + logs
     for name, lr in (("lr-low", 0.002), ("lr-high", 0.004)):
@@ -138,3 +128,14 @@ def test_pipeline_promotion_rollback_and_predict_run_unchanged_against_the_serve
         assert {p["key"]: p["value"] for p in by_stage["train"]["params"]}["train.lr"] == str(lr)
         metrics = {m["key"]: m["value"] for m in by_stage["model"]["metrics"]}
         assert 0 <= metrics["test_dice"] <= 1 and "test_ap50" in metrics
+
+    # Rollback through the server's registry: back to the champion the second promotion replaced.
+    champion = _champion(api)["version"]
+    assert champion in {"2", "3"}
+    previous = ({"2", "3"} - {champion}).pop()
+    assert f"version {champion} -> version {previous}" in run(["segflow", "rollback"], repo, env=env).stdout
+    assert _champion(api)["version"] == previous
+
+    image = sorted((repo / "data/images").glob("*.png"))[0]
+    out = run(["segflow", "predict", str(image), "--out", "predictions"], repo, env=env)
+    assert "objects" in out.stdout and (repo / "predictions" / f"{image.stem}_labels.png").is_file()

@@ -11,6 +11,7 @@ import fcntl
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -173,9 +174,6 @@ def built_repo(tmp_path_factory, worker_id) -> Path:
     own cost about 100 s of CPU apiece, on the same two cores the other tests need. Tests only
     read it; a test that changes anything (files, params, even a `dvc` command's lock and
     index files) takes repo_copy, so the other workers never see a half-changed repository.
-    One exception, older than the sharing: a copy's MLflow store keeps this repository's
-    absolute artifact folder, so the copies' runs add their models under its mlartifacts/
-    (new folders only; nothing a test reads changes).
     """
     if worker_id == "master":  # no xdist
         return _build(tmp_path_factory.mktemp("pipeline"))
@@ -195,4 +193,22 @@ def repo_copy(built_repo: Path, tmp_path: Path) -> Path:
     """A private copy of the built repo (with its DVC cache and MLflow store) to break."""
     dest = tmp_path / "repo"
     shutil.copytree(built_repo, dest, symlinks=True)
+    _relocate_mlflow_store(dest, built_repo)
     return dest
+
+
+def _relocate_mlflow_store(copy: Path, original: Path) -> None:
+    """Point a copied MLflow store at the copy's own mlartifacts/.
+
+    MLflow records absolute artifact locations (experiments, runs, logged models, registered
+    versions), so a copied store kept writing models under the shared built repo: it grew by
+    every copy's models (470 MB by the end of a run) and every later copy copied them again.
+    """
+    old, new = str(original), str(copy)
+    with sqlite3.connect(copy / "mlflow.db") as db:
+        tables = [row[0] for row in db.execute("select name from sqlite_master where type = 'table'")]
+        for table in tables:
+            for _, column, kind, *_ in db.execute(f"pragma table_info('{table}')").fetchall():
+                if "CHAR" in kind.upper() or "TEXT" in kind.upper():  # where a path can be
+                    update = f'update "{table}" set "{column}" = replace("{column}", ?, ?)'
+                    db.execute(f'{update} where instr("{column}", ?) > 0', (old, new, old))

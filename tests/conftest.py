@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,7 @@ def _relocate_mlflow_store(copy: Path, original: Path) -> None:
     every copy's models (470 MB by the end of a run) and every later copy copied them again.
     """
     old, new = str(original), str(copy)
-    with sqlite3.connect(copy / "mlflow.db") as db:
+    with closing(sqlite3.connect(copy / "mlflow.db")) as db, db:  # closed, and committed
         tables = [row[0] for row in db.execute("select name from sqlite_master where type = 'table'")]
         for table in tables:
             for _, column, kind, *_ in db.execute(f"pragma table_info('{table}')").fetchall():

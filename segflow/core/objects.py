@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from scipy import ndimage as ndi
 
 from segflow.core.masks import id_dtype
 
@@ -81,34 +82,29 @@ def describe_objects(
         mask: (H, W) uint8 class ids.
         probability: (H, W) float32 probability of each pixel's predicted class.
     """
-    count = int(instances.max()) if instances.size else 0
-    if count == 0:
+    if not instances.size or not instances.any():
         return []
-    rows, cols = np.nonzero(instances)  # row-major order
-    ids = instances[rows, cols].astype(np.int64)
-    # Group object pixels by id (stable, so each group stays in row-major order): areas,
-    # scores, classes and bounding boxes then come from one reduction per quantity.
-    order = np.argsort(ids, kind="stable")
-    ids, rows, cols = ids[order], rows[order], cols[order]
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    present = ids[starts]
-    areas = np.diff(np.r_[starts, len(ids)])
-    scores = np.add.reduceat(probability[rows, cols].astype(np.float64), starts) / areas
-    classes = mask[rows[starts], cols[starts]]
-    top, bottom = rows[starts], rows[np.r_[starts[1:], len(ids)] - 1]  # rows ascend within a group
-    left, right = np.minimum.reduceat(cols, starts), np.maximum.reduceat(cols, starts)
     objects = []
-    for k, obj_id in enumerate(present):
-        y0, y1, x0, x1 = int(top[k]), int(bottom[k]), int(left[k]), int(right[k])
-        crop = (instances[y0 : y1 + 1, x0 : x1 + 1] == obj_id).astype(np.uint8)
+    # One bounding box per id (None for an id not present) in one C pass; each object's
+    # quantities then come from its own box, a few dozen pixels, not from the whole image.
+    for index, box in enumerate(ndi.find_objects(instances)):
+        if box is None:
+            continue
+        obj_id = index + 1
+        inside = instances[box] == obj_id
+        crop = inside.view(np.uint8)
+        area = cv2.countNonZero(crop)
+        first = np.unravel_index(int(np.argmax(crop)), crop.shape)  # first pixel, row-major
+        score = probability[box][inside].astype(np.float64).sum() / area
+        y0, x0 = box[0].start, box[1].start
         objects.append(
             SegmentedObject(
-                id=int(obj_id),
-                class_id=int(classes[k]),
-                area=int(areas[k]),
-                bbox=(x0, y0, x1 - x0 + 1, y1 - y0 + 1),
+                id=obj_id,
+                class_id=int(mask[box][first]),  # every object is of one class
+                area=area,
+                bbox=(x0, y0, box[1].stop - x0, box[0].stop - y0),
                 polygon=_polygon(crop, x0, y0),
-                score=round(float(scores[k]), 4),
+                score=round(float(score), 4),
             )
         )
     return objects

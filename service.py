@@ -54,11 +54,11 @@ with bentoml.importing():
         model_info,
         overlay_png,
     )
-    from segflow.serve.batching import MicroBatcher
+    from segflow.serve.batching import MicroBatcher, lanes_for
     from segflow.serve.gatekeeper import Gatekeeper, error_response
     from segflow.serve.monitoring import RequestLog, intensity_mean, load_reference
+    from segflow.serve.precision import MODEL_FILES, warmup_images
     from segflow.serve.precision import choose as choose_precision
-    from segflow.serve.precision import warmup_images
     from segflow.serve.settings import champion_model_tag, load_serve_params, onnx_threads
     from segflow.serve.slowclients import bound_header_time
     from segflow.serve.stored import stored_model
@@ -164,10 +164,26 @@ class SegflowService:
             warmup_images(prep, self.config.model_batch_size),
         )
         precision_info.labels(precision=self.precision.precision).set(1)
-        self.segmenter.batch_size = self.config.model_batch_size
-        self.segmenter.max_pixels = self.config.max_pixels  # also after rescaling to the trained object size
+        # Under load, batches run side by side in lanes, each with its share of the threads; a
+        # lone request gets them all (segflow.serve.batching).
+        self.lanes = lanes_for(self.onnx_threads)
+        served_file = folder / MODEL_FILES[self.precision.precision]
+        self.lane_segmenter = (
+            Segmenter.from_onnx(served_file, prep, self.onnx_threads // self.lanes)
+            if self.lanes > 1
+            else self.segmenter
+        )
+        for segmenter in {self.segmenter, self.lane_segmenter}:
+            segmenter.batch_size = self.config.model_batch_size
+            segmenter.max_pixels = self.config.max_pixels  # also after rescaling to the trained object size
         self.classes = list(self.segmenter.prep.classes)
-        self.batcher = MicroBatcher(self._model, self.config.model_batch_size, model_batch_size.observe)
+        self.batcher = MicroBatcher(
+            lambda items: self._model(items, self.segmenter),
+            self.config.model_batch_size,
+            model_batch_size.observe,
+            lanes=self.lanes,
+            run_shared=lambda items: self._model(items, self.lane_segmenter),
+        )
         self.model_info = model_info(dict(self.model.info.labels), str(self.model.tag))
         self.reference = load_reference(folder)
         self.log = RequestLog(_request_log_path(self.config.request_log))
@@ -178,22 +194,24 @@ class SegflowService:
                 "this port. Set it to require 'Authorization: Bearer <token>'."
             )
         log.info(
-            "serving %s (registry version %s) in %s: %s; %d worker(s), %d ONNX Runtime thread(s) each",
+            "serving %s (registry version %s) in %s: %s; %d worker(s), %d ONNX Runtime thread(s) "
+            "each, in %d lane(s) under load",
             self.model_info["tag"],
             self.model_info["version"],
             self.precision.precision,
             self.precision.reason,
             self.config.workers,
             self.onnx_threads,
+            self.lanes,
         )
 
     # -- the model path shared by every endpoint ------------------------------------------
 
-    def _model(self, items: list[tuple]) -> list[tuple]:
-        """(image, diameter or None) pairs -> (logits, scale) pairs, in one model call (the
-        batcher's thread). Only the model runs here: post-processing happens on each request's
-        own thread (_segment), so the model never waits for another request's watershed."""
-        logits, scales = self.segmenter.scaled_logits([image for image, _ in items], [d for _, d in items])
+    def _model(self, items: list[tuple], segmenter: Segmenter) -> list[tuple]:
+        """(image, diameter or None) pairs -> (logits, scale) pairs, in one model call (a
+        batcher lane's thread). Only the model runs here: post-processing happens on each
+        request's own thread (_segment), so the model never waits for another request's watershed."""
+        logits, scales = segmenter.scaled_logits([image for image, _ in items], [d for _, d in items])
         return list(zip(logits, scales, strict=True))
 
     def _segment(self, files: list[Path], ctx: bentoml.Context, diameter: float | None = None) -> list[tuple]:
@@ -348,7 +366,11 @@ class SegflowService:
         return {
             "model": self.model_info,
             "precision": self.precision.to_dict(),
-            "runtime": {"workers": self.config.workers, "onnx_threads": self.onnx_threads},
+            "runtime": {
+                "workers": self.config.workers,
+                "onnx_threads": self.onnx_threads,
+                "lanes": self.lanes,  # batches side by side under load, onnx_threads / lanes threads each
+            },
             "test_metrics": dict(info.metadata.get("test_metrics", {})),
             "lineage": {
                 "git_commit": info.labels.get("git_commit"),

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+MODEL_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE}
 INT8_REPORT = "int8.json"  # export's accuracy check: {"passed", "reason", dice/ap50 fp32, int8, drop}
 PRECISIONS = ("auto", "fp32", "int8")
 # A variant must be this much faster to be chosen over fp32: timing noise on a busy machine

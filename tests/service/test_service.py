@@ -8,6 +8,7 @@ import json
 import re
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import geojson
@@ -233,6 +234,25 @@ def test_bad_requests_get_4xx(server, sample_images):
         with_diameter.json()["object_count"]
         == post(server, "/segment", {"image": data}).json()["object_count"]
     )
+
+
+def test_answers_under_load_are_the_answers_alone(server, sample_images):
+    """Requests that arrive together run side by side in the batcher's lanes, on a session
+    with a lane's share of the threads; a lone request runs on the session with all of
+    them (segflow.serve.batching). Which one ran must not change the answer."""
+    files = [p.read_bytes() for p in sample_images[:8]]
+
+    def labels(data: bytes) -> bytes:
+        response = post(server, "/segment_labels", {"image": data})
+        assert response.status_code == 200, response.text
+        return response.content
+
+    alone = [labels(data) for data in files]
+    with ThreadPoolExecutor(len(files)) as pool:
+        for _ in range(3):
+            assert list(pool.map(labels, files)) == alone
+    runtime = httpx.get(f"{server.url}/metadata").json()["runtime"]
+    assert runtime["lanes"] == (2 if runtime["onnx_threads"] >= 2 else 1)
 
 
 def test_metadata_and_health(server):

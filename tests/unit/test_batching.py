@@ -72,3 +72,51 @@ def test_wrong_result_count_is_an_error():
     with pytest.raises(RuntimeError, match="0 results for 1"):
         batcher.submit([1])
     batcher.close()
+
+
+def test_lanes_run_batches_side_by_side_and_a_lone_batch_gets_the_whole_model():
+    """Two lanes: the first request, alone, runs with run_batch (all the threads); one that
+    arrives while it runs is taken by the other lane at once, with run_shared, so both
+    calls are in flight together; the held call then finishes with its own result."""
+    first_started, release = threading.Event(), threading.Event()
+    in_flight, calls, lock = [], [], threading.Lock()
+
+    def run(kind):
+        def call(items):
+            with lock:
+                calls.append((kind, list(items)))
+                in_flight.append(kind)
+            if items == [0]:
+                first_started.set()
+                release.wait(10)  # hold the lone call
+            with lock:
+                in_flight.remove(kind)
+            return [f"{kind}{i}" for i in items]
+
+        return call
+
+    batcher = MicroBatcher(run("whole"), 4, lanes=2, run_shared=run("shared"))
+    results = {}
+    first = threading.Thread(target=lambda: results.update({0: batcher.submit([0])}))
+    first.start()
+    assert first_started.wait(10), "the first call never started"
+    assert batcher.submit([1]) == ["shared1"]  # answered while the first call is still held
+    assert in_flight == ["whole"] and first.is_alive()
+    release.set()
+    first.join(10)
+    assert results == {0: ["whole0"]}
+    assert calls == [("whole", [0]), ("shared", [1])]
+    assert batcher.submit([2]) == ["whole2"]  # alone again: the whole model
+    batcher.close()
+    assert batcher.pending() == 0
+
+
+def test_lanes_must_be_at_least_one():
+    with pytest.raises(ValueError, match="lanes must be at least 1"):
+        MicroBatcher(lambda items: items, 4, lanes=0)
+
+
+def test_lanes_for_the_threads_a_worker_has():
+    from segflow.serve.batching import lanes_for
+
+    assert [lanes_for(t) for t in (1, 2, 3, 8)] == [1, 2, 2, 2]

@@ -11,8 +11,8 @@ With `lanes` > 1, that many worker threads take batches side by side. A batch th
 every other lane idle and nothing else queued runs with `run_batch` (a session using all
 the cores: a lone request's latency); batches that run beside others use `run_shared` (a
 session with a lane's share of the cores). On 2 cores, two one-thread ONNX Runtime calls side
-by side ran 43.1 images/s against 39.7 for one two-thread call at a time (int8, batches of 4;
-bench/serve.py measures both): a single call's threads wait for each other at every
+by side ran 43.4 INT8 images/s against 40.4 for one two-thread call at a time at its best
+batch (bench/serve.py measures both): a single call's threads wait for each other at every
 operator, and for any request thread that took their core.
 """
 

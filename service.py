@@ -157,11 +157,12 @@ class SegflowService:
         folder = Path(self.model.path)
         prep = Preprocessing.load(folder / "preprocessing.json")
         # fp32, or the INT8 variant where it passed export's check and is faster on this CPU.
+        warmup = warmup_images(prep, self.config.model_batch_size)
         self.segmenter, self.precision = choose_precision(
             folder,
             self.config.precision,
             lambda path: Segmenter.from_onnx(path, prep, self.onnx_threads),
-            warmup_images(prep, self.config.model_batch_size),
+            warmup,
         )
         precision_info.labels(precision=self.precision.precision).set(1)
         # Under load, batches run side by side in lanes, each with its share of the threads; a
@@ -173,9 +174,10 @@ class SegflowService:
             if self.lanes > 1
             else self.segmenter
         )
-        for segmenter in {self.segmenter, self.lane_segmenter}:
+        for segmenter in (self.segmenter, self.lane_segmenter):
             segmenter.batch_size = self.config.model_batch_size
             segmenter.max_pixels = self.config.max_pixels  # also after rescaling to the trained object size
+        self.lane_segmenter.logits(warmup)  # its first call sets up its memory: not on a request's time
         self.classes = list(self.segmenter.prep.classes)
         self.batcher = MicroBatcher(
             lambda items: self._model(items, self.segmenter),

@@ -395,6 +395,7 @@ class SegflowService:
                 "threshold": prep.threshold,
                 "objects": prep.instances,  # watershed: touching objects split; components: connected regions
                 "seed_threshold": prep.seed_threshold,
+                "seed_prominence": prep.seed_prominence,
                 "min_area": prep.min_area,
                 "mask_png": "class ids",
                 "rle": "COCO compressed RLE, column-major (pycocotools.mask.decode)",

@@ -32,6 +32,7 @@ PREPROCESSING_VERSION = 1
 POSTPROCESS_FIELDS = (
     "threshold",
     "seed_threshold",
+    "seed_prominence",
     "min_area",
     "tile_size",
     "tile_overlap",
@@ -67,6 +68,9 @@ class Preprocessing:
     # is each object pixel's distance to the object's edge, divided by the object's largest)
     instances: str = "components"
     seed_threshold: float = 0.5  # watershed, distance: last-channel value above which a pixel seeds an object
+    # watershed, distance: 0 = each region above seed_threshold seeds one object; above 0, each
+    # peak of the last channel rising this far above its pass to a higher peak does (h-maxima)
+    seed_prominence: float = 0.0
     min_area: int = 0  # objects smaller than this many pixels are dropped
     tile_size: int = 0  # images larger than this run as overlapping tiles; 0 = whole images
     tile_overlap: int = 0
@@ -207,7 +211,9 @@ def to_prediction(logit: np.ndarray, prep: Preprocessing, scale: float = 1.0) ->
         # Specks go in the same numbering pass; without_small_objects then finds none left,
         # unless split_by_class cuts an object into small pieces.
         min_area = area_at(prep.min_area, scale)
-        instances = watershed_instances(mask > 0, interior, prep.seed_threshold, max(1, min_area))
+        instances = watershed_instances(
+            mask > 0, interior, prep.seed_threshold, max(1, min_area), prep.seed_prominence
+        )
         if len(prep.classes) > 2:
             instances = split_by_class(instances, mask)
     else:

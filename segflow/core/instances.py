@@ -58,7 +58,11 @@ def distance_target(instances: np.ndarray) -> np.ndarray:
 
 
 def watershed_instances(
-    foreground: np.ndarray, interior: np.ndarray, seed_threshold: float, min_area: int = 1
+    foreground: np.ndarray,
+    interior: np.ndarray,
+    seed_threshold: float,
+    min_area: int = 1,
+    seed_prominence: float = 0.0,
 ) -> np.ndarray:
     """Split the foreground into objects grown from confident interior seeds.
 
@@ -68,6 +72,9 @@ def watershed_instances(
         seed_threshold: interior value above which a pixel seeds an object.
         min_area: objects of fewer pixels are dropped (the same as drop_small afterwards,
             without numbering the image twice).
+        seed_prominence: 0: each connected region above seed_threshold is one seed. Above 0:
+            each peak of `interior` (above seed_threshold) that rises at least this far above
+            the pass to any higher peak is one seed (see seed_peaks).
 
     Returns:
         (H, W) uint16 instance ids, 0 = background. A foreground blob with one seed, or
@@ -75,6 +82,9 @@ def watershed_instances(
     """
     n_blobs, blobs = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=4)  # (H, W) int32
     seeds_mask = (interior > seed_threshold) & foreground
+    if seed_prominence > 0:
+        seeds_mask &= seed_peaks(np.where(foreground, interior, 0.0), seed_prominence)
+    # 4-connected like the blobs, so no seed straddles two blobs that touch only at a corner.
     n_seeds, seeds = cv2.connectedComponents(seeds_mask.astype(np.uint8), connectivity=4)
     # Which blob each seed lies in; a blob with one seed or none needs no watershed (most
     # cells in most images), which keeps per-request post-processing cheap.
@@ -88,6 +98,21 @@ def watershed_instances(
     split = _flood(seeds, interior, crowded)  # ids 1..k
     labels = np.where(crowded, split + n_blobs, blobs)
     return compact_ids(labels, min_area)
+
+
+def seed_peaks(interior: np.ndarray, prominence: float) -> np.ndarray:
+    """(H, W) bool: the tops of the peaks of `interior` that rise at least `prominence` above
+    the highest pass leading to a higher peak (h-maxima).
+
+    Why not a threshold alone: two touching nuclei whose predicted distance maps meet at a
+    saddle above the threshold form one seed region and stay merged, whatever the threshold
+    that still keeps faint nuclei's seeds. A peak's prominence does not depend on its height,
+    so it separates them at any brightness. It costs a greyscale reconstruction (about 60 ms
+    for 512x512 on one core), hence off by default.
+    """
+    from skimage.morphology import h_maxima
+
+    return h_maxima(interior.astype(np.float32, copy=False), prominence).astype(bool)
 
 
 def _flood(seeds: np.ndarray, interior: np.ndarray, region: np.ndarray) -> np.ndarray:

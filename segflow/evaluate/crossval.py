@@ -126,7 +126,8 @@ def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdi
         ]
     prep = tuning.prep
     chosen = {
-        k: getattr(prep, k) for k in ("threshold", "seed_threshold", "min_area", "tta", "diameter_choices")
+        k: getattr(prep, k)
+        for k in ("threshold", "seed_threshold", "seed_prominence", "min_area", "tta", "diameter_choices")
     }
     return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept)
 

@@ -121,7 +121,8 @@ class EvaluationReport:
         how = f"chosen on val by {self.tuned_by}" if self.tuned_by else "as set in params.yaml"
         header = ("set", "images", "Dice", "IoU", "AP50", "AP", "count err")
         lines = [
-            f"evaluate: threshold {self.prep.threshold}, seed threshold {self.prep.seed_threshold}, "
+            f"evaluate: threshold {self.prep.threshold}, seed threshold {self.prep.seed_threshold}"
+            f"{_prominence(self.prep)}, "
             f"min area {self.prep.min_area}, tta {self.prep.tta}{_sizes(self.prep)} ({how})",
             "  {:<12} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9}".format(*header),
         ]
@@ -144,3 +145,8 @@ def _sizes(prep: Preprocessing) -> str:
     """The diameter multiples tried per image, when more than the estimate itself."""
     choices = prep.diameter_choices
     return "" if choices == [1.0] else ", diameters x" + "/".join(f"{m:g}" for m in choices) + " by solidity"
+
+
+def _prominence(prep: Preprocessing) -> str:
+    """The seed rule, when seeds are peaks rather than regions above the seed threshold."""
+    return f", seed prominence {prep.seed_prominence:g}" if prep.seed_prominence else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +117,9 @@ def tune_postprocessing(
         logits: the model's logits for each sample (Segmenter.logits), computed once.
         samples: the validation samples.
         prep: the model's preprocessing; its other fields are kept.
-        cfg: params.inference: threshold_grid, seed_threshold_grid (watershed models only),
-            min_area_grid and tune_metric ("ap", "ap50": need instance ids, else Dice is used).
+        cfg: params.inference: threshold_grid, seed_threshold_grid and seed_prominence_grid
+            (watershed and distance models only), min_area_grid and tune_metric ("ap",
+            "ap50": need instance ids, else Dice is used).
         scales: the factor each sample was resized by for the model (Segmenter.scaled_logits;
             default 1.0), which min_area is measured against.
 
@@ -125,24 +127,29 @@ def tune_postprocessing(
         (prep with the best values, one row per grid point with its scores). Ties go to the
         lower object-count error, then to the first grid point, so the choice is repeatable.
     """
-    seeds = cfg.seed_threshold_grid if prep.instances in SEEDED else [prep.seed_threshold]
+    seeded = prep.instances in SEEDED
+    seeds = cfg.seed_threshold_grid if seeded else [prep.seed_threshold]
+    prominences = cfg.seed_prominence_grid if seeded else [prep.seed_prominence]
     scales = scales or [1.0] * len(logits)
     classes, table = list(prep.classes), []
-    for threshold in cfg.threshold_grid:
-        for seed in seeds:
-            candidate = replace(prep, threshold=threshold, seed_threshold=seed, min_area=0)
-            unfiltered = [to_prediction(logit, candidate) for logit in logits]
-            for min_area in cfg.min_area_grid:  # dropping small objects needs no new watershed
-                pairs = zip(unfiltered, scales, strict=True)
-                predictions = [without_small_objects(p, min_area, scale) for p, scale in pairs]
-                scores = score_predictions(predictions, samples, classes, "val").summary
-                row = {"threshold": threshold, "seed_threshold": seed, "min_area": min_area}
-                table.append(
-                    row | {k: scores[k] for k in ("dice", "ap", "ap50", "count_error") if k in scores}
-                )
+    for threshold, seed, prominence in product(cfg.threshold_grid, seeds, prominences):
+        candidate = replace(
+            prep, threshold=threshold, seed_threshold=seed, seed_prominence=prominence, min_area=0
+        )
+        unfiltered = [to_prediction(logit, candidate) for logit in logits]
+        for min_area in cfg.min_area_grid:  # dropping small objects needs no new watershed
+            pairs = zip(unfiltered, scales, strict=True)
+            predictions = [without_small_objects(p, min_area, scale) for p, scale in pairs]
+            scores = score_predictions(predictions, samples, classes, "val").summary
+            row = {"threshold": threshold, "seed_threshold": seed, "seed_prominence": prominence}
+            table.append(
+                row
+                | {"min_area": min_area}
+                | {k: scores[k] for k in ("dice", "ap", "ap50", "count_error") if k in scores}
+            )
     key = cfg.tune_metric if cfg.tune_metric in table[0] else "dice"
     best = max(table, key=lambda row: (row[key], -row.get("count_error", 0.0)))
-    chosen = {k: best[k] for k in ("threshold", "seed_threshold", "min_area")}
+    chosen = {k: best[k] for k in ("threshold", "seed_threshold", "seed_prominence", "min_area")}
     return prep.with_postprocess(chosen), table
 
 

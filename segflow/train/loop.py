@@ -53,6 +53,7 @@ def preprocessing_from(params: Params, data_diameter: float = 0.0) -> Preprocess
         high=base.intensity.high,
         instances=params.instance_method(),
         seed_threshold=infer.seed_threshold,
+        seed_prominence=infer.seed_prominence,
         min_area=infer.min_area,
         tile_size=infer.tile_size,
         tile_overlap=infer.tile_overlap,

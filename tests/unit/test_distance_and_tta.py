@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from segflow.config import InferenceParams
 from segflow.core.inference import Preprocessing, Segmenter, to_prediction
-from segflow.core.instances import distance_target
+from segflow.core.instances import distance_target, watershed_instances
 from segflow.core.tta import VIEWS, averaged_logits
+from segflow.data.samples import Sample
 from segflow.errors import UserError
+from segflow.evaluate.scoring import tune_postprocessing
 
 
 def touching_pair() -> np.ndarray:
@@ -41,6 +44,57 @@ def test_distance_seeds_split_touching_objects():
     for i in (1, 2, 3):
         found = np.bincount(prediction.instances[ids == i]).argmax()
         assert found > 0 and (prediction.instances[ids == i] == found).mean() > 0.9
+
+
+def blurred_pair() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two touching discs (ids 1, 2) and a seed map as a network predicts it: smooth, peaking
+    at 1.0 and 0.9 in their centres, with the pass between them at about 0.6, above the seed
+    threshold 0.5. Returns (ids, foreground, seed map), (32, 56)."""
+    yy, xx = np.mgrid[:32, :56]
+    near = [np.hypot(yy - 16, xx - x0) for x0 in (18, 38)]
+    ids = np.where(near[0] <= near[1], 1, 2).astype(np.uint16) * (np.minimum(*near) < 12)
+    bumps = [peak * np.exp(-(d**2) / (2 * 10.0**2)) for peak, d in zip((1.0, 0.9), near, strict=True)]
+    return ids, ids > 0, np.maximum(*bumps).astype(np.float32)
+
+
+def test_peak_seeds_split_objects_whose_seed_regions_join():
+    ids, foreground, seed_map = blurred_pair()
+    assert seed_map[16, 28] > 0.5  # the pass: thresholded, both centres are one region
+    assert watershed_instances(foreground, seed_map, seed_threshold=0.5).max() == 1
+    split = watershed_instances(foreground, seed_map, seed_threshold=0.5, seed_prominence=0.2)
+    assert split.max() == 2
+    for i in (1, 2):  # the watershed cuts along the pass: each disc is (almost) one object
+        found = np.bincount(split[ids == i]).argmax()
+        assert found > 0 and (split[ids == i] == found).mean() > 0.95
+    # The second peak rises only about 0.3 above the pass: a larger prominence is one seed.
+    assert watershed_instances(foreground, seed_map, 0.5, seed_prominence=0.4).max() == 1
+    # seed_threshold still applies: peaks below it seed nothing, and the blob stays whole.
+    assert watershed_instances(foreground, seed_map, 0.95, seed_prominence=0.2).max() == 1
+
+
+def test_tuning_compares_peak_seeds_with_threshold_seeds():
+    ids, _, seed_map = blurred_pair()
+    logit = lambda p: np.log(np.clip(p, 1e-3, 1 - 1e-3) / (1 - np.clip(p, 1e-3, 1 - 1e-3)))  # noqa: E731
+    logits = [np.stack([logit((ids > 0) * 0.98), logit(seed_map)]).astype(np.float32)]
+    image = np.where(ids > 0, 200, 20).astype(np.uint8)
+    samples = [Sample("pair", image, (ids > 0).astype(np.uint8), ids)]
+    prep = Preprocessing(1, 0.5, 0.25, 32, threshold=0.5, instances="distance", seed_threshold=0.5)
+    grids = InferenceParams(
+        threshold_grid=[0.5], seed_threshold_grid=[0.5], seed_prominence_grid=[0.0, 0.2], min_area_grid=[0]
+    )
+    tuned, grid = tune_postprocessing(logits, samples, prep, grids)
+    assert [row["seed_prominence"] for row in grid] == [0.0, 0.2]
+    # threshold seeds: one merged object, matching one of the two at best; peaks: both found
+    assert grid[0]["ap50"] < 0.6 and grid[1]["ap50"] == pytest.approx(1.0)
+    assert tuned.seed_prominence == 0.2
+    assert to_prediction(logits[0], tuned).instances.max() == 2
+
+
+def test_seed_prominence_must_be_below_one():
+    with pytest.raises(ValueError, match="seed_prominence_grid"):
+        InferenceParams(seed_prominence_grid=[0.1, 1.5])
+    with pytest.raises(ValueError, match="seed_prominence"):
+        InferenceParams(seed_prominence=-0.1)
 
 
 @pytest.mark.parametrize("mode", sorted(VIEWS))

@@ -35,7 +35,7 @@ class SegmentedObject:
     area: int  # pixels
     bbox: tuple[int, int, int, int]  # COCO order: x, y, width, height
     polygon: list[int]  # outer contour, COCO order: x1, y1, x2, y2, ... (at least 3 points)
-    score: float  # mean class probability over the object's pixels
+    score: float  # confidence in [0, 1] (object_scores)
 
 
 def class_name(classes: list[str], class_id: int) -> str:
@@ -60,20 +60,41 @@ def label_instances(mask: np.ndarray) -> np.ndarray:
     return instances.astype(id_dtype(next_id - 1))
 
 
-def object_scores(instances: np.ndarray, probability: np.ndarray) -> dict[int, float]:
-    """Each object's confidence: the mean probability over its pixels (what AP ranks by).
+def object_scores(
+    instances: np.ndarray, probability: np.ndarray, seeds: np.ndarray | None = None
+) -> dict[int, float]:
+    """Each object's confidence in [0, 1]: what AP ranks objects by, and the answer's `score`.
+
+    Seeded models (watershed, distance): the geometric mean of the seed channel's peak inside
+    the object (how sure the model is that it has a centre) and the channel's mean over it
+    (how much of it the model sees as interior rather than rim). Other models: the mean
+    probability over the object's pixels. Why not the mean probability for all: it is mostly
+    the object's rim, which a fragment cut off a nucleus or a blob of background has as
+    crisply as a real object; on dsb's 5-fold CV the seed rule ranked them lower (README).
 
     Args:
         instances: (H, W) uint16 instance ids.
         probability: (H, W) float32 probability of each pixel's predicted class.
+        seeds: (H, W) float32 seed channel in [0, 1] (Prediction.interior), or None.
     """
     areas = np.bincount(instances.ravel())
-    sums = np.bincount(instances.ravel(), weights=probability.ravel().astype(np.float64))
-    return {i: float(sums[i] / areas[i]) for i in np.flatnonzero(areas[1:]) + 1}
+    ids = np.flatnonzero(areas[1:]) + 1
+    values = probability if seeds is None else seeds
+    means = np.bincount(instances.ravel(), weights=values.ravel().astype(np.float64))[ids] / areas[ids]
+    if seeds is not None:
+        means = np.sqrt(means * ndi.maximum(seeds, instances, ids))
+    return {int(i): float(m) for i, m in zip(ids, means, strict=True)}
+
+
+def _object_score(probability: np.ndarray, seeds: np.ndarray | None, inside: np.ndarray, area: int) -> float:
+    """object_scores' value for one object, from crops of its box (`inside`: its pixels)."""
+    values = (probability if seeds is None else seeds)[inside]
+    mean = values.astype(np.float64).sum() / area
+    return mean if seeds is None else float(np.sqrt(mean * values.max()))
 
 
 def describe_objects(
-    instances: np.ndarray, mask: np.ndarray, probability: np.ndarray
+    instances: np.ndarray, mask: np.ndarray, probability: np.ndarray, seeds: np.ndarray | None = None
 ) -> list[SegmentedObject]:
     """One SegmentedObject per instance id, in id order.
 
@@ -81,6 +102,7 @@ def describe_objects(
         instances: (H, W) uint16 instance ids from label_instances.
         mask: (H, W) uint8 class ids.
         probability: (H, W) float32 probability of each pixel's predicted class.
+        seeds: (H, W) float32 seed channel of seeded models, or None (see object_scores).
     """
     if not instances.size or not instances.any():
         return []
@@ -95,7 +117,7 @@ def describe_objects(
         crop = inside.view(np.uint8)
         area = cv2.countNonZero(crop)
         first = np.unravel_index(int(np.argmax(crop)), crop.shape)  # first pixel, row-major
-        score = probability[box][inside].astype(np.float64).sum() / area
+        score = _object_score(probability[box], None if seeds is None else seeds[box], inside, area)
         y0, x0 = box[0].start, box[1].start
         objects.append(
             SegmentedObject(

@@ -132,6 +132,17 @@ def test_object_scores_are_mean_probabilities():
     assert object_scores(instances, probability) == pytest.approx({1: 0.7, 2: 0.9})
 
 
+def test_seeded_object_scores_rank_objects_without_a_confident_centre_last():
+    # Two objects with the same crisp rim; only the first has a confident centre.
+    instances = np.array([[1, 1, 1, 0, 2, 2, 2]], np.uint16)
+    probability = np.array([[0.9, 0.9, 0.9, 0.0, 0.9, 0.9, 0.9]], np.float32)
+    seeds = np.array([[0.2, 0.95, 0.2, 0.0, 0.3, 0.4, 0.3]], np.float32)
+    assert object_scores(instances, probability) == pytest.approx({1: 0.9, 2: 0.9})
+    assert object_scores(instances, probability, seeds) == pytest.approx(
+        {1: np.sqrt(0.95 * 0.45), 2: np.sqrt(0.4 * (1.0 / 3))}
+    )
+
+
 def test_classical_baseline_separates_two_touching_dark_discs():
     yy, xx = np.mgrid[0:64, 0:96]
     discs = ((yy - 32) ** 2 + (xx - 30) ** 2 < 15**2) | ((yy - 32) ** 2 + (xx - 58) ** 2 < 15**2)

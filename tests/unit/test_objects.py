@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco
 
-from segflow.core.objects import coco_rle, decode_coco_rle, describe_objects, draw_outlines, label_instances
+from segflow.core.objects import (
+    coco_rle,
+    decode_coco_rle,
+    describe_objects,
+    draw_outlines,
+    label_instances,
+    object_scores,
+)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -56,6 +63,20 @@ def test_objects_are_components_with_box_polygon_and_score():
         x, y, w, h = obj.bbox
         drawn = coco.decode(coco.frPyObjects([[float(v) for v in obj.polygon]], 20, 30))[..., 0]
         assert drawn[y : y + h, x : x + w].any()
+
+
+def test_object_descriptions_score_objects_as_evaluation_ranks_them():
+    rng = np.random.default_rng(0)
+    instances = np.zeros((40, 50), np.uint16)
+    instances[2:12, 3:15], instances[20:35, 10:18], instances[5:9, 30:49] = 1, 2, 3
+    mask = (instances > 0).astype(np.uint8)
+    probability = rng.uniform(0.5, 1.0, mask.shape).astype(np.float32)
+    seeds = rng.uniform(0.0, 1.0, mask.shape).astype(np.float32)
+    for seed_map in (None, seeds):
+        expected = object_scores(instances, probability, seed_map)
+        described = {o.id: o.score for o in describe_objects(instances, mask, probability, seed_map)}
+        assert described == pytest.approx(expected, abs=1e-4)  # the answer rounds to 4 places
+    assert described != pytest.approx(object_scores(instances, probability), abs=1e-3)
 
 
 def test_touching_classes_are_separate_objects():

@@ -118,6 +118,11 @@ class Prediction:
     mask: np.ndarray  # (H, W) uint8 class ids
     instances: np.ndarray  # (H, W) object ids, 0 = background: uint16, uint32 beyond 65,535 objects
     interior: np.ndarray | None = None  # watershed models: (H, W) float32 P(object interior)
+    # Distance models: the same seed channel, each pixel's predicted distance to its object's
+    # edge relative to the object's deepest point; how high it rises inside an object says how
+    # sure the model is of its centre, so objects are scored by it (objects.object_scores).
+    # None for watershed models: their interior probability is near 1 inside every object.
+    centres: np.ndarray | None = None
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:
@@ -219,7 +224,8 @@ def to_prediction(logit: np.ndarray, prep: Preprocessing, scale: float = 1.0) ->
     else:
         interior, instances = None, label_instances(mask)
     logits = semantic[0] if semantic.shape[0] == 1 else semantic
-    prediction = Prediction(logits, probability, mask, instances, interior)
+    centres = interior if prep.instances == "distance" else None
+    prediction = Prediction(logits, probability, mask, instances, interior, centres)
     return without_small_objects(prediction, prep.min_area, scale)
 
 

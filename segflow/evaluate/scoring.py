@@ -71,7 +71,7 @@ def score_predictions(
     for p, s in zip(predictions, samples, strict=True):
         row = {"split": split, "image": s.id, **image_scores(class_confusions(p.mask, s.mask, len(classes)))}
         if s.instances is not None:
-            confidences = object_scores(p.instances, p.probability, p.interior)
+            confidences = object_scores(p.instances, p.probability, p.centres)
             row |= image_instance_scores(s.instances, p.instances, confidences)
         rows.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
     ap_by_iou = None
@@ -96,7 +96,7 @@ def _object_summary(predictions: list[Prediction], samples: list[Sample], classe
     return instance_summary(
         [s.instances for s in samples],
         [p.instances for p in predictions],
-        scores=[object_scores(p.instances, p.probability, p.interior) for p in predictions],
+        scores=[object_scores(p.instances, p.probability, p.centres) for p in predictions],
         truth_classes=[s.mask for s in samples] if multi else None,
         pred_classes=[p.mask for p in predictions] if multi else None,
         classes=classes,

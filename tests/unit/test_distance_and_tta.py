@@ -8,6 +8,7 @@ import pytest
 from segflow.config import InferenceParams
 from segflow.core.inference import Preprocessing, Segmenter, to_prediction
 from segflow.core.instances import distance_target, watershed_instances
+from segflow.core.objects import describe_objects, object_scores
 from segflow.core.tta import VIEWS, averaged_logits
 from segflow.data.samples import Sample
 from segflow.errors import UserError
@@ -44,6 +45,24 @@ def test_distance_seeds_split_touching_objects():
     for i in (1, 2, 3):
         found = np.bincount(prediction.instances[ids == i]).argmax()
         assert found > 0 and (prediction.instances[ids == i] == found).mean() > 0.9
+
+
+def test_distance_models_score_objects_by_their_predicted_centres_watershed_models_by_probability():
+    ids = touching_pair()
+    logit = lambda p: np.log(np.clip(p, 1e-3, 1 - 1e-3) / (1 - np.clip(p, 1e-3, 1 - 1e-3)))  # noqa: E731
+    channels = np.stack([logit((ids > 0) * 0.98), logit(distance_target(ids))]).astype(np.float32)
+    by_method = {}
+    for method in ("distance", "watershed"):
+        prep = Preprocessing(1, 0.5, 0.25, 32, threshold=0.5, instances=method, seed_threshold=0.5)
+        prediction = to_prediction(channels, prep)
+        by_method[method] = object_scores(prediction.instances, prediction.probability, prediction.centres)
+        described = describe_objects(
+            prediction.instances, prediction.mask, prediction.probability, prediction.centres
+        )
+        assert {o.id: o.score for o in described} == pytest.approx(by_method[method], abs=1e-4)
+    assert by_method["watershed"] == pytest.approx(dict.fromkeys(by_method["watershed"], 0.98), abs=1e-3)
+    # A cone-shaped distance map peaks at ~1 and averages ~1/3 over its object.
+    assert all(0.45 < v < 0.75 for v in by_method["distance"].values()), by_method
 
 
 def blurred_pair() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

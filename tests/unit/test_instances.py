@@ -132,7 +132,7 @@ def test_object_scores_are_mean_probabilities():
     assert object_scores(instances, probability) == pytest.approx({1: 0.7, 2: 0.9})
 
 
-def test_seeded_object_scores_rank_objects_without_a_confident_centre_last():
+def test_distance_object_scores_rank_objects_without_a_confident_centre_last():
     # Two objects with the same crisp rim; only the first has a confident centre.
     instances = np.array([[1, 1, 1, 0, 2, 2, 2]], np.uint16)
     probability = np.array([[0.9, 0.9, 0.9, 0.0, 0.9, 0.9, 0.9]], np.float32)

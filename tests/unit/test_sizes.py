@@ -134,6 +134,35 @@ def test_auto_measures_again_until_the_size_settles():
     assert prediction.instances.max() == 4
 
 
+class PartialModel(DiskModel):
+    """Like DiskModel, but a disk shown over 1.6x the trained 20 px wide comes out as a smaller
+    disk, 20 + 0.35 x (shown - 20) px across, as a real model sees an object far larger than
+    it learned only in part. Shown closer to 20 px, disks come out whole."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.shapes += [tuple(x.shape[1:]) for x in batch]
+        fg = np.full((len(batch), 1, *batch.shape[2:]), -8.0, np.float32)
+        for i, x in enumerate(batch[:, 0] > 0):
+            ids, n = label(x)
+            depth = cv2.distanceTransform(x.astype(np.uint8), cv2.DIST_L2, 5)  # to the disk's edge
+            for k in range(1, n + 1):
+                shown = 2 * np.sqrt((ids == k).sum() / np.pi)
+                seen = shown if shown <= 1.6 * 20 else 20 + 0.35 * (shown - 20)
+                fg[i, 0][(ids == k) & (depth >= (shown - seen) / 2)] = 8.0
+        return np.concatenate([fg, fg], axis=1)
+
+
+def test_auto_keeps_measuring_while_a_large_objects_size_still_moves():
+    """Disks 80 px across, trained at 20: the passes measure them about 41, 55 and then 80 px,
+    as the dsb subset's largest nuclei (96 px) were measured ever larger. Three passes stopped
+    at 55 px there (every nucleus then cut in pieces); measuring goes on while the scale
+    moves by more than 10%, up to SIZE_PASSES passes."""
+    image = (disks(320, 40, 160) > 0).astype(np.uint8) * 255
+    model = PartialModel()
+    _, [scale] = _segmenter(model, diameter="auto").scaled_logits([image])
+    assert 20.0 / scale == pytest.approx(80.0, rel=0.1)
+
+
 def test_models_at_native_scale_ignore_diameters():
     image = np.zeros((32, 32), np.uint8)
     model = DiskModel()
@@ -232,8 +261,9 @@ def test_auto_alone_can_settle_on_a_size_that_merges_neighbours():
     model = MergingModel()
     [prediction] = _segmenter(model, diameter="auto").predict([image])
     # Pass 1 (native) merges pairs, reads them as ~30 px and shrinks the image; pass 2 sees
-    # single disks about 20 px across, so pass 3 goes back near native, where pairs merge again.
-    assert model.shapes == [(256, 256), (172, 172), (232, 232)]
+    # single disks about 20 px across, so pass 3 goes back near native, where pairs merge again,
+    # and so on until the passes run out (SIZE_PASSES = 5), on a size that merges them.
+    assert model.shapes == [(256, 256), (172, 172), (232, 232), (156, 156), (233, 233)]
     assert prediction.instances.max() == count // 2
 
 
@@ -241,8 +271,8 @@ def test_diameter_choices_keep_the_size_whose_objects_are_convex():
     image, count = merging_case()
     model = MergingModel()
     [prediction] = _segmenter(model, diameter="auto", diameter_choices=[1.0, 1.5]).predict([image])
-    # One more pass, as if objects were 1.5x the estimate: 232 px / 1.5, no merging.
-    assert model.shapes[3:] == [(154, 154)]
+    # One more pass, as if objects were 1.5x the estimate: 233 px / 1.5, no merging.
+    assert model.shapes[5:] == [(156, 156)]
     assert prediction.instances.max() == count
     assert prediction.instances.shape == image.shape
 

@@ -153,10 +153,10 @@ class PartialModel(DiskModel):
 
 
 def test_auto_keeps_measuring_while_a_large_objects_size_still_moves():
-    """Disks 80 px across, trained at 20: the passes measure them about 41, 55 and then 80 px,
-    as the dsb subset's largest nuclei (96 px) were measured ever larger. Three passes stopped
-    at 55 px there (every nucleus then cut in pieces); measuring goes on while the scale
-    moves by more than 10%, up to SIZE_PASSES passes."""
+    """Disks 80 px across, trained at 20: the passes measure them about 42, 56 and then 80 px,
+    as the dsb subset's largest nuclei (96 px) were measured ever larger. Three passes would
+    stop at 56 px (the dsb nuclei stopped at 47, every one then cut in pieces); measuring goes
+    on while the scale moves by more than 10%, up to SIZE_PASSES passes."""
     image = (disks(320, 40, 160) > 0).astype(np.uint8) * 255
     model = PartialModel()
     _, [scale] = _segmenter(model, diameter="auto").scaled_logits([image])

@@ -275,9 +275,10 @@ def softmax(logit: np.ndarray) -> np.ndarray:
 # Model passes at most per image whose object size is estimated (inference.diameter: auto).
 # Most images settle after one or two; objects several times the trained size are measured a
 # little larger each pass (a model sees them only in part), and three passes left the dsb
-# subset's 96-pixel nuclei at half their size, cut in pieces. Five let them settle. An estimate
-# that swings (neighbours merged at one size, apart at the next) spends all five and keeps
-# the last; inference.diameter_choices is the check for that.
+# subset's 96-pixel nuclei at half their size, cut in pieces; five brought them to three
+# quarters, where the model sees them whole. An estimate that swings (neighbours merged at one
+# size, apart at the next) spends all five and keeps the last; inference.diameter_choices is
+# the check for that.
 SIZE_PASSES = 5
 
 

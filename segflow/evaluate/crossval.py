@@ -5,7 +5,8 @@ numbers). Cross-validation holds every image out once: the images are dealt into
 group (the groups the split stage defines, so one patient's or one well's images stay
 together); fold i is scored by a model trained, exactly as the train stage trains, on every
 other fold except fold i + 1, which plays the validation split (best epoch, post-processing
-and TTA chosen on it). The report gives every fold's scores and their mean and spread.
+and TTA chosen on it). The report gives every fold's scores and their mean and spread; for
+models that estimate object sizes, also the same folds segmented at each image's true size.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import numpy as np
 import pandas as pd
 
 from segflow.config import Params
-from segflow.core.inference import Prediction, to_prediction
+from segflow.core.inference import Prediction, Segmenter, to_prediction
 from segflow.core.sizes import median_diameter, resize_image, resize_labels, scaled_shape
 from segflow.data.samples import Sample, load_samples
 from segflow.errors import UserError
-from segflow.evaluate.scoring import choose_postprocessing, score_predictions
+from segflow.evaluate.scoring import SplitScores, choose_postprocessing, score_predictions
 from segflow.train.checkpoints import checkpoint_segmenter
 from segflow.train.loop import train_model
 
@@ -94,6 +95,9 @@ class FoldResult:
     train_seconds: float
     # scale -> (held-out samples at that scale, their predictions), for pooled scores
     held_out: dict[float, tuple[list[Sample], list[Prediction]]] = field(default_factory=dict)
+    # scale -> summary of the held-out images segmented at their true object diameter, for
+    # models that estimate sizes (known_diameter_scores); empty for the others
+    known: dict[float, dict] = field(default_factory=dict)
 
 
 def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdir: Path) -> FoldResult:
@@ -110,7 +114,7 @@ def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdi
     segmenter = checkpoint_segmenter(workdir / f"fold{fold}.pt")
     tuning = choose_postprocessing(segmenter, val, params.inference)
     classes = list(segmenter.prep.classes)
-    scores, rows, kept = {}, [], {}
+    scores, rows, kept, known = {}, [], {}, {}
     for scale in params.crossval.scales:
         images = rescaled(held_out, scale)
         # Segmenter.predict, keeping the factor each image was rescaled by (its size estimate).
@@ -118,18 +122,46 @@ def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdi
         predictions = [to_prediction(y, segmenter.prep, a) for y, a in zip(logits, applied, strict=True)]
         result = score_predictions(predictions, images, classes, "held_out")
         scores[scale], kept[scale] = result.summary, (images, predictions)
-        rows += [
+        fold_rows = [
             {"fold": fold, "scale": scale}
             | {k: v for k, v in r.items() if k != "split"}
             | _diameters(s, a, segmenter.prep.train_diameter)
             for r, s, a in zip(result.rows, images, applied, strict=True)
         ]
+        at_true_size = known_diameter_scores(segmenter, images, classes)
+        if at_true_size is not None:
+            known[scale] = at_true_size.summary
+            for row, r in zip(fold_rows, at_true_size.rows, strict=True):
+                row["known_diameter_ap50"] = r.get("ap50")
+        rows += fold_rows
     prep = tuning.prep
     chosen = {
         k: getattr(prep, k)
         for k in ("threshold", "seed_threshold", "seed_prominence", "min_area", "tta", "diameter_choices")
     }
-    return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept)
+    return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept, known)
+
+
+def known_diameter_scores(
+    segmenter: Segmenter, images: list[Sample], classes: list[str]
+) -> SplitScores | None:
+    """The images scored when segmented at their true median object diameter, as if a user had
+    given it (`segflow predict --diameter`), instead of at the estimated one; None for models
+    that estimate no sizes (no train.diameter, or a fixed inference.diameter) or images
+    without instance ids.
+
+    Set beside the estimated run's scores, it says how much the size estimate costs: what a
+    better estimate (or a user who knows the magnification) could gain at most, and what it
+    cannot, as merges the model makes at the right size.
+    """
+    prep = segmenter.prep
+    if not prep.train_diameter or prep.diameter != "auto" or any(s.instances is None for s in images):
+        return None
+    # An image without objects has no true size: None lets inference estimate it.
+    true = [median_diameter(s.instances) for s in images]
+    logits, applied = segmenter.scaled_logits([s.image for s in images], true)
+    predictions = [to_prediction(y, prep, a) for y, a in zip(logits, applied, strict=True)]
+    return score_predictions(predictions, images, classes, "held_out")
 
 
 def _diameters(sample: Sample, applied: float, train_diameter: float) -> dict:
@@ -181,16 +213,11 @@ def summarize_folds(
     for scale in scales:
         per_fold = [r.scores[scale] for r in results]
         metrics = [m for m in FOLD_METRICS if all(m in s for s in per_fold)]
-        block = {}
-        for m in metrics:
-            values = np.array([s[m] for s in per_fold], float)
-            block[m] = {
-                "mean": round(float(values.mean()), 6),
-                "std": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 6),
-                "min": round(float(values.min()), 6),
-                "max": round(float(values.max()), 6),
-            }
+        block = _spread(per_fold, metrics)
         block["per_fold"] = [_fold_row(r, scale, metrics) for r in results]
+        if all(scale in r.known for r in results):
+            # The same folds segmented at each image's true object size (known_diameter_scores).
+            block["known_diameter"] = _spread([r.known[scale] for r in results], metrics)
         if classes is not None:
             block["pooled"] = _pooled(results, scale, classes, metrics)
             for name, ids in (subsets or {}).items():
@@ -198,6 +225,20 @@ def summarize_folds(
         out[f"scale_{scale:g}"] = block
     out["chosen"] = [{"fold": r.fold, "epochs": r.epochs} | r.chosen for r in results]
     return out
+
+
+def _spread(per_fold: list[dict], metrics: list[str]) -> dict:
+    """Mean, standard deviation (over folds), minimum and maximum of each metric."""
+    block = {}
+    for m in metrics:
+        values = np.array([s[m] for s in per_fold], float)
+        block[m] = {
+            "mean": round(float(values.mean()), 6),
+            "std": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 6),
+            "min": round(float(values.min()), 6),
+            "max": round(float(values.max()), 6),
+        }
+    return block
 
 
 def _pooled(
@@ -233,13 +274,20 @@ def fold_table(summary: dict) -> list[dict]:
     ]
 
 
+def _mean_sd(block: dict) -> str:
+    """'ap50 0.900 ± 0.100, dice ...': each metric's mean ± standard deviation over folds."""
+    cells = [f"{m} {block[m]['mean']:.3f} ± {block[m]['std']:.3f}" for m in FOLD_METRICS if m in block]
+    return ", ".join(cells)
+
+
 def describe(summary: dict, scales: list[float]) -> str:
     """The cross-validated scores, mean ± standard deviation over folds, one line per scale."""
     lines = [f"crossval: {summary['folds']} folds, {summary['images']} images, each scored once unseen"]
     for scale in scales:
         block = summary[f"scale_{scale:g}"]
-        cells = [f"{m} {block[m]['mean']:.3f} ± {block[m]['std']:.3f}" for m in FOLD_METRICS if m in block]
-        lines.append(f"  scale {scale:g}, mean ± sd over folds: " + ", ".join(cells))
+        lines.append(f"  scale {scale:g}, mean ± sd over folds: " + _mean_sd(block))
+        if "known_diameter" in block:
+            lines.append("    at each image's true object diameter: " + _mean_sd(block["known_diameter"]))
         for key in (k for k in block if k == "pooled" or k.startswith("subset_")):
             pooled = block[key]
             cells = [f"{m} {pooled[m]:.3f}" for m in FOLD_METRICS if m in pooled]

@@ -129,7 +129,8 @@ def _git(root: Path, *args: str) -> str:
 
 def log_crossval(summary: dict, minutes: float, train_minutes: float, folder: Path) -> None:
     """On the active crossval run: mean and spread per metric and scale, each fold's scores
-    as steps (step = fold), pooled and subset scores, the timings and the report folder."""
+    as steps (step = fold), pooled and subset scores, the scores at known object sizes, the
+    timings and the report folder."""
     import mlflow
 
     for key, block in summary.items():
@@ -138,6 +139,10 @@ def log_crossval(summary: dict, minutes: float, train_minutes: float, folder: Pa
         for metric, stats in block.items():
             if metric == "pooled" or metric.startswith("subset_"):
                 mlflow.log_metrics({f"cv_{key}_{metric}_{m}": v for m, v in stats.items() if m != "images"})
+            elif metric == "known_diameter":  # the folds at each image's true object size
+                mlflow.log_metrics(
+                    {f"cv_{key}_{metric}_{m}_{k}": s[k] for m, s in stats.items() for k in ("mean", "std")}
+                )
             elif metric != "per_fold":
                 mlflow.log_metrics(
                     {f"cv_{key}_{metric}_mean": stats["mean"], f"cv_{key}_{metric}_std": stats["std"]}

@@ -53,12 +53,16 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
             stats = block[metric]
             assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
         assert block["pooled"]["images"] == 16 and block["subset_two"]["images"] == 2
+        # Sizes are estimated (train.diameter, inference.diameter auto): the same folds again at
+        # each image's true object size say what the estimate costs.
+        assert 0 <= block["known_diameter"]["ap50"]["mean"] <= 1
     assert {row["tta"] for row in summary["chosen"]} <= {"none", "flips"}
     images = (repo_copy / "reports/crossval/images.csv").read_text().splitlines()
     assert len(images) == 1 + 16 * 2  # every image once per scale
     per_image = pd.read_csv(repo_copy / "reports/crossval/images.csv")
     # The size each image was segmented at beside its true size: shrinking an image halves both.
     assert (per_image["diameter_true"] > 0).all() and (per_image["diameter_used"] > 0).all()
+    assert per_image["known_diameter_ap50"].between(0, 1).all()
     by_scale = per_image.pivot_table(index="image", columns="scale", values="diameter_true")
     assert ((by_scale[0.5] / by_scale[1.0]).between(0.4, 0.6)).all()
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo_copy).stdout)
@@ -70,6 +74,8 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
     experiment = client.get_experiment_by_name("segflow-crossval")
     [cv_run] = client.search_runs([experiment.experiment_id])
     assert cv_run.data.metrics["cv_scale_1_ap50_mean"] == summary["scale_1"]["ap50"]["mean"]
+    known = summary["scale_1"]["known_diameter"]["ap50"]["mean"]
+    assert cv_run.data.metrics["cv_scale_1_known_diameter_ap50_mean"] == known
     assert cv_run.data.tags["segflow.stage"] == "crossval"
     history = client.get_metric_history(cv_run.info.run_id, "fold_scale_1_ap50")
     assert [m.step for m in history] == [0, 1, 2]

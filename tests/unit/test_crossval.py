@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.ndimage import label
 
 from segflow.config import ParamsError, parse_params
 from segflow.core.inference import Prediction
+from segflow.core.sizes import median_diameter
 from segflow.data.samples import Sample
 from segflow.errors import UserError
 from segflow.evaluate.crossval import (
@@ -17,9 +20,12 @@ from segflow.evaluate.crossval import (
     describe,
     fold_roles,
     fold_table,
+    known_diameter_scores,
     rescaled,
     summarize_folds,
 )
+from segflow.evaluate.scoring import score_split
+from tests.unit.test_sizes import DiskModel, _segmenter, pairs
 
 
 def test_folds_keep_groups_together_balance_images_and_repeat():
@@ -121,3 +127,49 @@ def test_pooled_and_subset_scores_use_every_held_out_image_once():
     assert block["subset_hard"] == {"images": 1, "ap50": 0.0}
     with pytest.raises(UserError, match="imgX"):
         check_subsets({"hard": ["img1", "imgX"]}, ["img0", "img1"])
+
+
+def test_summary_sets_scores_at_known_object_sizes_beside_the_estimated_ones():
+    results = [_result(0, 0.8), _result(1, 0.9)]
+    assert "known_diameter" not in summarize_folds(results, [1.0])["scale_1"]  # a model without sizes
+    for r, ap50 in zip(results, (0.9, 1.0), strict=True):
+        r.known = {
+            1.0: {"images": 2, "ap50": ap50, "dice": 0.8},
+            0.6: {"images": 2, "ap50": ap50, "dice": 0.7},
+        }
+    summary = summarize_folds(results, [1.0, 0.6])
+    known = summary["scale_1"]["known_diameter"]
+    assert known["ap50"]["mean"] == pytest.approx(0.95) and summary["scale_1"]["ap50"][
+        "mean"
+    ] == pytest.approx(0.85)
+    assert "at each image's true object diameter: ap50 0.950 ± 0.071" in describe(summary, [1.0, 0.6])
+
+
+class SizeBoundModel(DiskModel):
+    """Like DiskModel, but it sees disks apart only when shown within 15% of the trained 20 px;
+    shown larger or smaller it joins neighbours closer than 15 px, as a network shown objects
+    off its size merges touching ones. Its own size estimate then locks onto merged objects."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = super().__call__(batch)
+        for i, bright in enumerate(batch[:, 0] > 0):
+            shown = median_diameter(label(bright)[0])
+            if shown and abs(shown / 20.0 - 1) > 0.15:
+                kernel = np.ones((1, 15), np.uint8)
+                joined = cv2.morphologyEx(bright.astype(np.uint8), cv2.MORPH_CLOSE, kernel)
+                out[i][:, joined > 0] = 8.0
+        return out
+
+
+def test_known_diameter_scores_say_what_the_size_estimate_costs():
+    truth = pairs(512, 20, 8, 128)  # 24 disks 40 px across in pairs 8 px apart; trained at 20 px
+    sample = Sample("pairs", (truth > 0).astype(np.uint8) * 255, (truth > 0).astype(np.uint8), truth)
+    classes = ["background", "cell"]
+    segmenter = _segmenter(SizeBoundModel(), diameter="auto")
+    estimated = score_split(segmenter, [sample], "held_out")
+    known = known_diameter_scores(segmenter, [sample], classes)
+    assert estimated.summary["ap50"] < 0.1  # rows of disks merged into 4 objects
+    assert known.summary["ap50"] == pytest.approx(1.0)  # shown at 40 -> 20 px, every disk apart
+    # Nothing to compare where no size is estimated: a fixed diameter, or a native-scale model.
+    assert known_diameter_scores(_segmenter(DiskModel(), diameter=40.0), [sample], classes) is None
+    assert known_diameter_scores(_segmenter(DiskModel(), train_diameter=0.0), [sample], classes) is None

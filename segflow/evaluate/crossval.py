@@ -148,11 +148,12 @@ def known_diameter_scores(
     """The images scored when segmented at their true median object diameter, as if a user had
     given it (`segflow predict --diameter`), instead of at the estimated one; None for models
     that estimate no sizes (no train.diameter, or a fixed inference.diameter) or images
-    without instance ids.
+    without instance ids. Images without objects have no true size and are estimated as usual.
 
-    Set beside the estimated run's scores, it says how much the size estimate costs: what a
-    better estimate (or a user who knows the magnification) could gain at most, and what it
-    cannot, as merges the model makes at the right size.
+    Set beside the estimated run's scores, it says how much the size estimate costs: what
+    knowing each image's typical object size (a user who knows the magnification) would
+    gain, and what it would not, as merges the model makes at the right size. The median is
+    not the best size for every image, so an estimate can also beat it.
     """
     prep = segmenter.prep
     if not prep.train_diameter or prep.diameter != "auto" or any(s.instances is None for s in images):
@@ -218,6 +219,11 @@ def summarize_folds(
         if all(scale in r.known for r in results):
             # The same folds segmented at each image's true object size (known_diameter_scores).
             block["known_diameter"] = _spread([r.known[scale] for r in results], metrics)
+        elif any(scale in r.known for r in results):
+            log.warning(
+                "scale %g: no known_diameter summary, as some folds' held-out images lack instance ids "
+                "(images.csv still has known_diameter_ap50 for the others)", scale,
+            )  # fmt: skip
         if classes is not None:
             block["pooled"] = _pooled(results, scale, classes, metrics)
             for name, ids in (subsets or {}).items():
@@ -281,7 +287,8 @@ def _mean_sd(block: dict) -> str:
 
 
 def describe(summary: dict, scales: list[float]) -> str:
-    """The cross-validated scores, mean ± standard deviation over folds, one line per scale."""
+    """The cross-validated scores, mean ± standard deviation over folds: a line per scale, then
+    the same at known object sizes, pooled and per subset."""
     lines = [f"crossval: {summary['folds']} folds, {summary['images']} images, each scored once unseen"]
     for scale in scales:
         block = summary[f"scale_{scale:g}"]

@@ -43,6 +43,7 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
                      "inference.tta_grid": ["none", "flips"]})  # fmt: skip
     out = run(["dvc", "repro", "crossval"], repo_copy).stdout
     assert "Running stage 'train'" not in out  # the pipeline's own model is not retrained
+    assert "at each image's true object diameter: ap50" in out  # printed beside the estimated scores
     summary = json.loads((repo_copy / "reports/crossval/summary.json").read_text())
     assert summary["folds"] == 3 and summary["images"] == 16
     for key in ("scale_1", "scale_0.5"):

@@ -133,16 +133,15 @@ def test_summary_sets_scores_at_known_object_sizes_beside_the_estimated_ones():
     results = [_result(0, 0.8), _result(1, 0.9)]
     assert "known_diameter" not in summarize_folds(results, [1.0])["scale_1"]  # a model without sizes
     for r, ap50 in zip(results, (0.9, 1.0), strict=True):
-        r.known = {
-            1.0: {"images": 2, "ap50": ap50, "dice": 0.8},
-            0.6: {"images": 2, "ap50": ap50, "dice": 0.7},
-        }
+        r.known = {scale: {"images": 2, "ap50": ap50 - (1 - scale) / 2, "dice": 0.8} for scale in (1.0, 0.6)}
     summary = summarize_folds(results, [1.0, 0.6])
-    known = summary["scale_1"]["known_diameter"]
-    assert known["ap50"]["mean"] == pytest.approx(0.95) and summary["scale_1"]["ap50"][
-        "mean"
-    ] == pytest.approx(0.85)
+    assert summary["scale_1"]["known_diameter"]["ap50"]["mean"] == pytest.approx(0.95)
+    assert summary["scale_1"]["ap50"]["mean"] == pytest.approx(0.85)  # the estimated sizes' scores
+    assert summary["scale_0.6"]["known_diameter"]["ap50"]["mean"] == pytest.approx(0.75)
     assert "at each image's true object diameter: ap50 0.950 ± 0.071" in describe(summary, [1.0, 0.6])
+    # A fold without known scores (held-out images without instance ids) leaves no block.
+    results[1].known = {}
+    assert "known_diameter" not in summarize_folds(results, [1.0])["scale_1"]
 
 
 class SizeBoundModel(DiskModel):
@@ -165,11 +164,16 @@ def test_known_diameter_scores_say_what_the_size_estimate_costs():
     truth = pairs(512, 20, 8, 128)  # 24 disks 40 px across in pairs 8 px apart; trained at 20 px
     sample = Sample("pairs", (truth > 0).astype(np.uint8) * 255, (truth > 0).astype(np.uint8), truth)
     classes = ["background", "cell"]
-    segmenter = _segmenter(SizeBoundModel(), diameter="auto")
+    model = SizeBoundModel()
+    segmenter = _segmenter(model, diameter="auto", diameter_choices=[0.8, 1.0])
     estimated = score_split(segmenter, [sample], "held_out")
-    known = known_diameter_scores(segmenter, [sample], classes)
     assert estimated.summary["ap50"] < 0.1  # rows of disks merged into 4 objects
+    model.shapes.clear()
+    known = known_diameter_scores(segmenter, [sample], classes)
     assert known.summary["ap50"] == pytest.approx(1.0)  # shown at 40 -> 20 px, every disk apart
+    assert model.shapes == [(256, 256)]  # one pass at the true size: no estimate, no size choices
     # Nothing to compare where no size is estimated: a fixed diameter, or a native-scale model.
     assert known_diameter_scores(_segmenter(DiskModel(), diameter=40.0), [sample], classes) is None
     assert known_diameter_scores(_segmenter(DiskModel(), train_diameter=0.0), [sample], classes) is None
+    semantic = Sample("pairs", sample.image, sample.mask, None)  # no instance ids: no true size
+    assert known_diameter_scores(segmenter, [semantic], classes) is None

@@ -18,7 +18,10 @@ from tests.conftest import BIN, run
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 6
+# The kill must land mid-training: after epoch 2, before the last. Tiny epochs take 0.3-0.5 s
+# on a CPU with native bfloat16, and a test process starved by the other test worker once saw
+# the state first at epoch 6 of 6 (CI of 19fc3e9); 20 epochs leave it several seconds.
+EPOCHS = 20
 STATE = Path("artifacts/.resume/train.pt")
 
 

@@ -208,7 +208,8 @@ def summarize_folds(
     Keys are per scale: "scale_1", "scale_0.6", so `dvc metrics show` can compare them. With
     `classes`, each scale also gets "pooled" (every held-out image scored together, as one
     set of unseen images) and one entry per named subset of images (`subsets`, e.g. the
-    thin-cell images), scored the same way.
+    thin-cell images), scored the same way. Where every fold has scores at the images' true
+    object sizes (FoldResult.known), each scale gets "known_diameter", spread like its own.
     """
     out: dict = {"folds": len(results), "images": sum(int(r.scores[scales[0]]["images"]) for r in results)}
     for scale in scales:

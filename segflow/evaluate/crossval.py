@@ -117,11 +117,8 @@ def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdi
     scores, rows, kept, known = {}, [], {}, {}
     for scale in params.crossval.scales:
         images = rescaled(held_out, scale)
-        # Segmenter.predict, keeping the factor each image was rescaled by (its size estimate).
-        logits, applied = segmenter.scaled_logits([s.image for s in images])
-        predictions = [to_prediction(y, segmenter.prep, a) for y, a in zip(logits, applied, strict=True)]
-        result = score_predictions(predictions, images, classes, "held_out")
-        scores[scale], kept[scale] = result.summary, (images, predictions)
+        result, applied = _segment_and_score(segmenter, images, classes)
+        scores[scale], kept[scale] = result.summary, (images, result.predictions)
         fold_rows = [
             {"fold": fold, "scale": scale}
             | {k: v for k, v in r.items() if k != "split"}
@@ -160,9 +157,17 @@ def known_diameter_scores(
         return None
     # An image without objects has no true size: None lets inference estimate it.
     true = [median_diameter(s.instances) for s in images]
-    logits, applied = segmenter.scaled_logits([s.image for s in images], true)
-    predictions = [to_prediction(y, prep, a) for y, a in zip(logits, applied, strict=True)]
-    return score_predictions(predictions, images, classes, "held_out")
+    return _segment_and_score(segmenter, images, classes, true)[0]
+
+
+def _segment_and_score(
+    segmenter: Segmenter, images: list[Sample], classes: list[str], diameters: list | None = None
+) -> tuple[SplitScores, list[float]]:
+    """Segmenter.predict on the images at `diameters` (None: as prep.diameter says), scored,
+    and the factor each image was rescaled by for the model (its size estimate)."""
+    logits, applied = segmenter.scaled_logits([s.image for s in images], diameters)
+    predictions = [to_prediction(y, segmenter.prep, a) for y, a in zip(logits, applied, strict=True)]
+    return score_predictions(predictions, images, classes, "held_out"), applied
 
 
 def _diameters(sample: Sample, applied: float, train_diameter: float) -> dict:

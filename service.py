@@ -41,8 +41,10 @@ with bentoml.importing():
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    from segflow.core.inference import Preprocessing, Segmenter, to_prediction
+    from segflow.core.inference import Segmenter
     from segflow.core.measurements import channel_count, measure_objects
+    from segflow.core.postprocessing import to_prediction
+    from segflow.core.preprocessing import Preprocessing
     from segflow.errors import UserError
     from segflow.serve.answers import (
         LABEL_FORMATS,

@@ -25,7 +25,8 @@ sys.path.append(str(ROOT))  # after PYTHONPATH: see above
 
 import segflow  # noqa: E402
 from segflow.core.images import read_image  # noqa: E402
-from segflow.core.inference import Segmenter, sigmoid, to_prediction  # noqa: E402
+from segflow.core.inference import Segmenter  # noqa: E402
+from segflow.core.postprocessing import sigmoid, to_prediction  # noqa: E402
 from segflow.serve.answers import answer  # noqa: E402
 from segflow.serve.settings import champion_model_tag  # noqa: E402
 

@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from segflow.core.images import read_image  # noqa: E402
-from segflow.core.inference import Segmenter, normalize  # noqa: E402
+from segflow.core.inference import Segmenter  # noqa: E402
+from segflow.core.preprocessing import normalize  # noqa: E402
 from segflow.core.tiling import pad_to_multiple  # noqa: E402
 from segflow.serve.batching import lanes_for  # noqa: E402
 from segflow.serve.precision import FP32_FILE, INT8_FILE, usable_int8  # noqa: E402

@@ -234,7 +234,8 @@ def _write_outputs(
 def _open_model(ref: str, precision: str):
     """(Segmenter, model info) for a model folder or a BentoML model tag, in `precision`
     (auto, fp32 or int8) chosen as the service chooses (segflow.serve.precision)."""
-    from segflow.core.inference import Preprocessing, Segmenter
+    from segflow.core.inference import Segmenter
+    from segflow.core.preprocessing import Preprocessing
     from segflow.serve.answers import model_info
     from segflow.serve.precision import choose, warmup_images
 

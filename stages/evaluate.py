@@ -20,7 +20,7 @@ from segflow.artifacts import (
     run_stage,
 )
 from segflow.config import load_params
-from segflow.core.inference import to_prediction
+from segflow.core.postprocessing import to_prediction
 from segflow.data.extra import check_tracked, load_extra_set
 from segflow.data.samples import load_samples
 from segflow.evaluate.reports import EvaluationReport

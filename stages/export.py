@@ -22,7 +22,8 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
-from segflow.core.inference import Segmenter, normalize
+from segflow.core.inference import Segmenter
+from segflow.core.preprocessing import normalize
 from segflow.data.samples import load_samples
 from segflow.release import tracking
 from segflow.release.export import check_parity, export_onnx

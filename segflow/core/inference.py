@@ -3,274 +3,27 @@
 evaluate, export's parity check, the CLI and the service all go through `Segmenter`, so
 what is measured is what is served. The model is anything that maps a (N, C, H, W)
 float32 batch to (N, K, H, W) float32 logits: a torch module or an ONNX Runtime session.
+The steps either side of the model are segflow.core.preprocessing (image -> model input, as
+preprocessing.json says) and segflow.core.postprocessing (logits -> mask and objects).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from segflow.core.instances import drop_small, split_by_class, watershed_instances
-from segflow.core.objects import label_instances
+from segflow.core.postprocessing import Prediction, to_prediction
+from segflow.core.preprocessing import Preprocessing, normalize
 from segflow.core.sizes import median_diameter, resize_planes, scale_for, scaled_shape, solid_fraction
 from segflow.core.tiling import tiled_logits
 from segflow.core.tta import averaged_logits
 from segflow.errors import UserError
 
 log = logging.getLogger(__name__)
-
-PREPROCESSING_VERSION = 1
-# What evaluate may choose after training (params.inference, tuned on val): how logits become
-# objects, how large images are tiled, how object size is found and which views are averaged.
-# The network's inputs and outputs stay as trained.
-POSTPROCESS_FIELDS = (
-    "threshold",
-    "seed_threshold",
-    "seed_prominence",
-    "min_area",
-    "tile_size",
-    "tile_overlap",
-    "diameter",
-    "diameter_choices",
-    "tta",
-)
-# Instance methods whose last model channel seeds a watershed: P(interior) or normalised distance.
-SEEDED = ("watershed", "distance")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Everything needed to turn an image into model input and logits into a mask.
-
-    Saved as preprocessing.json beside model.onnx, and inside the torch checkpoint.
-    """
-
-    in_channels: int
-    mean: float
-    std: float
-    pad_multiple: int
-    threshold: float
-    classes: list[str] = field(default_factory=lambda: ["background", "cell"])
-    # Intensity scaling to [0, 1] (base.intensity). The defaults reproduce models exported
-    # before these fields existed: divide by the dtype's range.
-    scaling: str = "range"  # range | percentile | auto (range for uint8, else percentile)
-    low: float = 1.0  # percentile scaling: these per-image percentiles map to 0 and 1
-    high: float = 99.8
-    # Objects (inference.* in params.yaml). The defaults reproduce older models: connected
-    # components of the mask, whole-image inference.
-    # components | watershed (the last channel is P(interior) logits) | distance (the last channel
-    # is each object pixel's distance to the object's edge, divided by the object's largest)
-    instances: str = "components"
-    seed_threshold: float = 0.5  # watershed, distance: last-channel value above which a pixel seeds an object
-    # watershed, distance: 0 = each region above seed_threshold seeds one object; above 0, each
-    # peak of the last channel rising this far above its pass to a higher peak does (h-maxima)
-    seed_prominence: float = 0.0
-    min_area: int = 0  # objects smaller than this many pixels are dropped
-    tile_size: int = 0  # images larger than this run as overlapping tiles; 0 = whole images
-    tile_overlap: int = 0
-    # Object size (segflow.core.sizes). The defaults reproduce older models: native scale.
-    train_diameter: float = 0.0  # the network learned objects this many pixels across; 0 = native scale
-    data_diameter: float = 0.0  # the training images' median object diameter as stored (auto's first guess)
-    diameter: float | str = "auto"  # objects' diameter in the input images, or auto: estimate per image
-    # auto: multipliers of the estimate also tried; the most solid objects win ([1.0]: the estimate)
-    diameter_choices: list[float] = field(default_factory=lambda: [1.0])
-    tta: str = "none"  # test-time augmentation: none | flips | d4 (segflow.core.tta)
-    input_name: str = "image"
-    output_name: str = "logits"
-    version: int = PREPROCESSING_VERSION
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def with_postprocess(self, values: dict) -> Preprocessing:
-        """A copy with the POSTPROCESS_FIELDS found in `values` (params.inference or postprocess.json)."""
-        return replace(self, **{k: values[k] for k in POSTPROCESS_FIELDS if k in values})
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocessing:
-        if data.get("version") != PREPROCESSING_VERSION:
-            raise UserError(
-                f"preprocessing version {data.get('version')} is not supported "
-                f"(expected {PREPROCESSING_VERSION}); re-run `dvc repro export`"
-            )
-        return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> Preprocessing:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-@dataclass
-class Prediction:
-    """One image's result at its original size."""
-
-    logits: np.ndarray  # two classes: (H, W) float32 foreground logit; K > 2: (K, H, W)
-    probability: np.ndarray  # (H, W) float32 in [0, 1]: P(foreground) = 1 - P(background)
-    mask: np.ndarray  # (H, W) uint8 class ids
-    instances: np.ndarray  # (H, W) object ids, 0 = background: uint16, uint32 beyond 65,535 objects
-    interior: np.ndarray | None = None  # watershed models: (H, W) float32 P(object interior)
-    # Distance models: the same seed channel, each pixel's predicted distance to its object's
-    # edge relative to the object's deepest point; how high it rises inside an object says how
-    # sure the model is of its centre, so objects are scored by it (objects.object_scores).
-    # None for watershed models: their interior probability is near 1 inside every object.
-    centres: np.ndarray | None = None
-
-
-def to_unit_range(image: np.ndarray) -> np.ndarray:
-    """Scale intensities to [0, 1] float32 by the dtype's range.
-
-    Raises:
-        ValueError: float input with NaN/inf, or an unsupported dtype.
-    """
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
-    if np.issubdtype(image.dtype, np.floating):
-        if not np.isfinite(image).all():
-            raise UserError("image contains NaN or infinite values")
-        return np.clip(image.astype(np.float32), 0.0, 1.0)
-    raise UserError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float in [0, 1]")
-
-
-def scale_intensity(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """Raw intensities -> float32 on a [0, 1] scale, as `prep` says (training and inference alike).
-
-    Percentile scaling maps each image's `low` and `high` percentiles to 0 and 1 (values
-    beyond stay beyond), so dim 16-bit microscopy uses the whole input range.
-    """
-    method = prep.scaling
-    if method == "auto":
-        method = "range" if image.dtype == np.uint8 else "percentile"
-    if method == "range":
-        return to_unit_range(image)
-    unit = to_unit_range(image)  # validates the dtype and finiteness first
-    flat = unit.ravel()
-    flat = flat[:: max(1, flat.size // 2**20)]  # a 1M-pixel sample estimates the percentiles closely
-    lo, hi = np.percentile(flat, [prep.low, prep.high])
-    return ((unit - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
-
-
-def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
-    """(H, W) or (H, W, C) -> (in_channels, H, W), converting gray <-> RGB as needed."""
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[2] == 4:
-        image = image[..., :3]
-    if image.shape[2] not in (1, 3):
-        raise UserError(f"image has {image.shape[2]} channels; expected 1, 3 or 4")
-    if in_channels == 1 and image.shape[2] == 3:
-        image = image @ np.array([0.299, 0.587, 0.114], np.float32)
-        image = image[..., None]
-    elif in_channels == 3 and image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
-
-
-def normalize(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """Raw image -> (C, H, W) float32 model input at the original size (no padding)."""
-    return standardize(scale_intensity(image, prep), prep)
-
-
-def standardize(unit: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """Image already scaled by scale_intensity -> (C, H, W) float32 model input."""
-    chw = to_channels(unit, prep.in_channels)
-    return ((chw - prep.mean) / prep.std).astype(np.float32)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Logistic function 1 / (1 + exp(-x)), float32, in place on one new array: it runs twice
-    per image on every request. OpenCV's vectorised exp took a 256x256 plane in 0.04 ms
-    against NumPy's tanh's 0.19, within 1e-7 of float64 (it saturates instead of overflowing,
-    so large |x| give exactly 0 or 1)."""
-    y = np.negative(x, dtype=np.float32)
-    flat = y.reshape(-1)  # a view: OpenCV would read a 3-D array's last axis as channels
-    cv2.exp(flat, flat)
-    y += 1.0
-    np.divide(1.0, y, out=y)
-    return y
-
-
-def to_prediction(logit: np.ndarray, prep: Preprocessing, scale: float = 1.0) -> Prediction:
-    """(channels, H, W) logits -> Prediction, post-processed as `prep` says.
-
-    The channels are one foreground logit (two classes) or K class logits, followed by
-    one seed logit (interior or distance) when prep.instances is "watershed" or "distance".
-    `scale` is the factor the image was resized by for the model (Segmenter.scaled_logits):
-    prep.min_area counts pixels at the model's scale (see area_at).
-    """
-    watershed = prep.instances in SEEDED
-    semantic = logit[:-1] if watershed else logit
-    probability, mask = semantic_mask(semantic, prep.threshold)
-    if watershed:
-        interior = sigmoid(logit[-1])
-        # Specks go in the same numbering pass; without_small_objects then finds none left,
-        # unless split_by_class cuts an object into small pieces.
-        min_area = area_at(prep.min_area, scale)
-        instances = watershed_instances(
-            mask > 0, interior, prep.seed_threshold, max(1, min_area), prep.seed_prominence
-        )
-        if len(prep.classes) > 2:
-            instances = split_by_class(instances, mask)
-    else:
-        interior, instances = None, label_instances(mask)
-    logits = semantic[0] if semantic.shape[0] == 1 else semantic
-    centres = interior if prep.instances == "distance" else None
-    prediction = Prediction(logits, probability, mask, instances, interior, centres)
-    return without_small_objects(prediction, prep.min_area, scale)
-
-
-def area_at(min_area: int, scale: float) -> int:
-    """min_area, counted in pixels at the model's scale, in pixels of an image it saw resized
-    by `scale`. A size-normalised model sees every image with its objects train.diameter
-    across, so one min_area drops the same specks, relative to the objects, at any
-    magnification: cells imaged at 0.6x lose no more to it than cells at full size."""
-    return max(1, round(min_area / scale**2)) if min_area > 0 else 0
-
-
-def without_small_objects(prediction: Prediction, min_area: int, scale: float = 1.0) -> Prediction:
-    """The prediction with objects under `min_area` pixels (at the model's scale, see area_at)
-    removed from its instances and mask."""
-    min_area = area_at(min_area, scale)
-    if min_area <= 0:
-        return prediction
-    instances = drop_small(prediction.instances, min_area)
-    mask = prediction.mask * (instances > 0)  # uint8: class ids where an object is left
-    return replace(prediction, instances=instances, mask=mask)
-
-
-def semantic_mask(logit: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(K, H, W) class logits (K = 1 for two classes) -> P(foreground) and the class-id mask.
-
-    A pixel is foreground when P(foreground) = 1 - P(background) exceeds the threshold; with
-    more than two classes it then takes the most probable foreground class.
-
-    Returns:
-        (H, W) float32 probability and (H, W) uint8 class ids.
-    """
-    if logit.shape[0] == 1:
-        probability = sigmoid(logit[0])
-        return probability, (probability > threshold).astype(np.uint8)
-    probabilities = softmax(logit)  # (K, H, W)
-    foreground = (1.0 - probabilities[0]).astype(np.float32)
-    classes = (np.argmax(probabilities[1:], axis=0) + 1).astype(np.uint8)
-    return foreground, np.where(foreground > threshold, classes, 0).astype(np.uint8)
-
-
-def softmax(logit: np.ndarray) -> np.ndarray:
-    """Softmax over axis 0 of (K, H, W) logits, float32."""
-    shifted = np.exp(logit - logit.max(axis=0, keepdims=True))
-    return (shifted / shifted.sum(axis=0, keepdims=True)).astype(np.float32)
-
 
 # Model passes at most per image whose object size is estimated (inference.diameter: auto).
 # Most images settle after one or two; objects several times the trained size are measured a

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from segflow.core.inference import to_channels, to_unit_range
+from segflow.core.preprocessing import to_channels, to_unit_range
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

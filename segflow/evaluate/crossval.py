@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from segflow.config import Params
-from segflow.core.inference import Prediction, Segmenter, to_prediction
+from segflow.core.inference import Segmenter
+from segflow.core.postprocessing import Prediction, to_prediction
 from segflow.core.sizes import median_diameter, resize_image, resize_labels, scaled_shape
 from segflow.data.samples import Sample, load_samples
 from segflow.errors import UserError

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segflow.artifacts import write_csv, write_json
-from segflow.core.inference import POSTPROCESS_FIELDS, Preprocessing
+from segflow.core.preprocessing import POSTPROCESS_FIELDS, Preprocessing
 from segflow.evaluate.figures import line_chart, training_chart
 from segflow.evaluate.metrics import IOU_THRESHOLDS
 from segflow.evaluate.scoring import SplitScores

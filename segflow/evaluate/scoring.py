@@ -16,17 +16,10 @@ import numpy as np
 
 from segflow.config import InferenceParams
 from segflow.core.images import write_png
-from segflow.core.inference import (
-    SEEDED,
-    Prediction,
-    Preprocessing,
-    Segmenter,
-    scale_intensity,
-    to_channels,
-    to_prediction,
-    without_small_objects,
-)
+from segflow.core.inference import Segmenter
 from segflow.core.objects import object_scores, outline_pixels
+from segflow.core.postprocessing import SEEDED, Prediction, to_prediction, without_small_objects
+from segflow.core.preprocessing import Preprocessing, scale_intensity, to_channels
 from segflow.data.samples import Sample
 from segflow.evaluate.baseline import otsu_segment, otsu_watershed
 from segflow.evaluate.metrics import (

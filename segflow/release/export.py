@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segflow.core.inference import Preprocessing, Segmenter
+from segflow.core.inference import Segmenter
+from segflow.core.preprocessing import Preprocessing
 from segflow.errors import UserError
 
 

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segflow.core.inference import Preprocessing, Segmenter, normalize
+from segflow.core.inference import Segmenter
+from segflow.core.preprocessing import Preprocessing, normalize
 from segflow.core.sizes import median_diameter, resize_planes, scale_for, scaled_shape
 from segflow.core.tiling import pad_to_multiple
 from segflow.serve.precision import FP32_FILE, INT8_FILE, INT8_REPORT

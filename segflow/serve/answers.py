@@ -13,9 +13,9 @@ import io
 import cv2
 import numpy as np
 
-from segflow.core.inference import Prediction
 from segflow.core.measurements import channel_count, measure_objects, measurement_columns
 from segflow.core.objects import SegmentedObject, class_name, coco_rle, describe_objects, draw_outlines
+from segflow.core.postprocessing import Prediction
 
 ANSWER_VERSION = 1
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segflow.core.inference import Preprocessing, Segmenter
+from segflow.core.inference import Segmenter
+from segflow.core.preprocessing import Preprocessing
 from segflow.errors import UserError
 from segflow.train.models import build_model
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from segflow.config import Params
-from segflow.core.inference import SEEDED, Preprocessing, scale_intensity, semantic_mask, standardize
 from segflow.core.instances import distance_target, interior_target
+from segflow.core.postprocessing import SEEDED, semantic_mask
+from segflow.core.preprocessing import Preprocessing, scale_intensity, standardize
 from segflow.core.sizes import (
     median_diameter,
     resize_image,

@@ -9,7 +9,7 @@ import pytest
 from scipy.ndimage import label
 
 from segflow.config import ParamsError, parse_params
-from segflow.core.inference import Prediction
+from segflow.core.postprocessing import Prediction
 from segflow.core.sizes import median_diameter
 from segflow.data.samples import Sample
 from segflow.errors import UserError

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from segflow.config import InferenceParams
-from segflow.core.inference import Preprocessing, Segmenter, to_prediction
+from segflow.core.inference import Segmenter
 from segflow.core.instances import distance_target, watershed_instances
 from segflow.core.objects import describe_objects, object_scores
+from segflow.core.postprocessing import to_prediction
+from segflow.core.preprocessing import Preprocessing
 from segflow.core.tta import VIEWS, averaged_logits
 from segflow.data.samples import Sample
 from segflow.errors import UserError

@@ -11,8 +11,9 @@ import pytest
 
 from segflow.config import ExtraSet, InferenceParams
 from segflow.core.images import write_png
-from segflow.core.inference import Preprocessing, to_prediction
 from segflow.core.instances import interior_target
+from segflow.core.postprocessing import to_prediction
+from segflow.core.preprocessing import Preprocessing
 from segflow.data.extra import check_tracked, load_extra_set
 from segflow.data.folder import SourceFileError
 from segflow.data.samples import Sample

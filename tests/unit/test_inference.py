@@ -12,8 +12,10 @@ import onnx
 import pytest
 import torch
 
-from segflow.core.inference import PREPROCESSING_VERSION, Preprocessing, Segmenter, normalize, sigmoid
+from segflow.core.inference import Segmenter
 from segflow.core.objects import label_instances
+from segflow.core.postprocessing import sigmoid
+from segflow.core.preprocessing import PREPROCESSING_VERSION, Preprocessing, normalize
 from segflow.core.tiling import pad_to_multiple
 from segflow.release.export import ParityError, check_parity, export_onnx
 from segflow.train.checkpoints import torch_segmenter

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from segflow.core.inference import POSTPROCESS_FIELDS, Preprocessing, to_prediction
 from segflow.core.instances import drop_small, interior_target, split_by_class, watershed_instances
 from segflow.core.objects import label_instances, object_scores
+from segflow.core.postprocessing import to_prediction
+from segflow.core.preprocessing import POSTPROCESS_FIELDS, Preprocessing
 from segflow.evaluate.baseline import otsu_watershed
 
 WATERSHED = Preprocessing(1, 0.5, 0.25, 32, threshold=0.5, instances="watershed", seed_threshold=0.5)

@@ -11,8 +11,8 @@ import pytest
 import tifffile
 from skimage.measure import regionprops
 
-from segflow.core.inference import Prediction
 from segflow.core.measurements import measure_objects, measurement_columns
+from segflow.core.postprocessing import Prediction
 from segflow.serve.answers import answer, labels_image, measurements_csv
 
 

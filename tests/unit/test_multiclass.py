@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from segflow.config import ParamsError, parse_params
-from segflow.core.inference import Preprocessing, scale_intensity, to_prediction
 from segflow.core.masks import semantic_from_values
+from segflow.core.postprocessing import to_prediction
+from segflow.core.preprocessing import Preprocessing, scale_intensity
 from segflow.evaluate.metrics import Counts, class_confusions, confusion, summarize, summarize_classes
 
 THREE = ["background", "nucleus", "cytoplasm"]

@@ -12,8 +12,8 @@ import roifile
 from matplotlib.path import Path as Outline
 from scipy import ndimage as ndi
 
-from segflow.core.inference import Prediction
 from segflow.core.measurements import measure_objects
+from segflow.core.postprocessing import Prediction
 from segflow.serve.answers import answer
 from segflow.serve.outlines import geojson_collection, imagej_rois, pixel_outline
 

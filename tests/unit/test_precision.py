@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segflow.core.inference import Preprocessing, Segmenter
+from segflow.core.inference import Segmenter
+from segflow.core.preprocessing import Preprocessing
 from segflow.errors import UserError
 from segflow.release.quantize import (
     accuracy_check,

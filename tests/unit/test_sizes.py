@@ -8,7 +8,8 @@ import pytest
 from scipy.ndimage import label
 
 from segflow.config import InferenceParams
-from segflow.core.inference import Preprocessing, Segmenter
+from segflow.core.inference import Segmenter
+from segflow.core.preprocessing import Preprocessing
 from segflow.core.sizes import median_diameter, resize_labels, resize_planes, scale_for, solid_fraction
 from segflow.data.samples import Sample
 from segflow.errors import UserError

@@ -153,7 +153,8 @@ def test_bad_tiling_says_what_to_change(tile_size: int, overlap: int, message: s
 
 
 def test_segmenter_runs_large_images_as_tiles_of_its_preprocessing():
-    from segflow.core.inference import Preprocessing, Segmenter
+    from segflow.core.inference import Segmenter
+    from segflow.core.preprocessing import Preprocessing
 
     shapes = []
 

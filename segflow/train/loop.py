@@ -1,4 +1,7 @@
-"""The training loop: augmentations, Dice + BCE or cross-entropy loss, AdamW, best checkpoint by val Dice."""
+"""The training loop: Dice + BCE or cross-entropy loss, AdamW, best checkpoint by val Dice.
+
+What each batch holds (images at the trained object size, augmented, and their targets) is
+segflow.train.dataset."""
 
 from __future__ import annotations
 
@@ -10,22 +13,22 @@ from pathlib import Path
 import numpy as np
 
 from segflow.config import Params
-from segflow.core.instances import distance_target, interior_target
 from segflow.core.postprocessing import SEEDED, semantic_mask
-from segflow.core.preprocessing import Preprocessing, scale_intensity, standardize
-from segflow.core.sizes import (
-    median_diameter,
-    resize_image,
-    resize_labels,
-    scale_for,
-    scaled_shape,
-)
+from segflow.core.preprocessing import Preprocessing
+from segflow.core.sizes import median_diameter
 from segflow.data.samples import Sample
-from segflow.errors import UserError
 from segflow.evaluate.metrics import class_confusions, summarize_classes
-from segflow.runtime import offline_env
 from segflow.train import distributed
 from segflow.train.checkpoints import save_checkpoint, torch_segmenter
+from segflow.train.dataset import (
+    AugmentedDataset,
+    build_augmentations,
+    collate,
+    data_diameter,
+    loss_targets,
+    rescale_samples,
+    sample_labels,
+)
 from segflow.train.epochs import best_epoch, build_scheduler, deterministic_mode, seed_epoch, should_stop
 from segflow.train.models import build_model, model_spec
 from segflow.train.precision import Compute
@@ -61,91 +64,6 @@ def preprocessing_from(params: Params, data_diameter: float = 0.0) -> Preprocess
         train_diameter=params.train.diameter or 0.0,
         data_diameter=round(data_diameter, 3) if params.train.diameter else 0.0,
     )  # diameter and tta stay at their defaults: evaluate chooses them (reports/postprocess.json)
-
-
-def data_diameter(samples: list[Sample]) -> float:
-    """The median over images of each image's typical object diameter (sizes.median_diameter),
-    in pixels; 0 without instance ids. Inference's first guess for an image of unknown size."""
-    found = [median_diameter(s.instances) for s in samples if s.instances is not None]
-    found = [d for d in found if d]
-    return float(np.median(found)) if found else 0.0
-
-
-def rescale_samples(samples: list[Sample], target: float, fallback: float) -> list[Sample]:
-    """Samples rescaled so each image's median object is `target` pixels across.
-
-    An image without objects is rescaled as if its objects had the `fallback` diameter (the
-    dataset's median), so background-only crops keep the dataset's usual scale.
-    """
-    out = []
-    for s in samples:
-        found = median_diameter(s.instances) if s.instances is not None else None
-        shape = scaled_shape(s.image.shape, scale_for(found or fallback, target))
-        instances = None if s.instances is None else resize_labels(s.instances, shape)
-        out.append(Sample(s.id, resize_image(s.image, shape), resize_labels(s.mask, shape), instances))
-    return out
-
-
-def _resolution_loss(A, p: float):
-    """An albumentations transform that shrinks the image (not the mask) by 0.5-0.9 and
-    enlarges it back with probability p, keeping its dtype.
-
-    Objects imaged at lower magnification and enlarged to the trained size at inference arrive
-    blurred; this shows the model such images, resized the way inference resizes them
-    (sizes.resize_image: area averaging down, bilinear up). albumentations' own Downscale
-    returns 16-bit images as float, which intensity scaling would misread.
-    """
-
-    class ResolutionLoss(A.Downscale):
-        def apply(self, img: np.ndarray, scale: float, **params) -> np.ndarray:
-            return resize_image(resize_image(img, scaled_shape(img.shape, scale)), img.shape[:2])
-
-    return ResolutionLoss(scale_range=(0.5, 0.9), p=p)
-
-
-def build_augmentations(params: Params):
-    """albumentations pipeline from params.train.augment (applied to uint8/uint16 images)."""
-    offline_env()
-    import albumentations as A
-
-    aug, crop = params.train.augment, params.train.crop_size
-    steps = []
-    if aug.scale:  # objects of several sizes around train.diameter (or the native size)
-        steps.append(A.RandomScale(scale_limit=aug.scale, p=1.0))
-    if crop:
-        steps.append(A.RandomCrop(height=crop, width=crop, pad_if_needed=True))
-    steps += [
-        A.HorizontalFlip(p=aug.hflip),
-        A.VerticalFlip(p=aug.vflip),
-        A.RandomRotate90(p=aug.rotate90),
-        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=aug.brightness_contrast),
-        A.GaussNoise(std_range=(0.01, 0.04), p=aug.gauss_noise),
-    ]
-    if aug.downscale:
-        steps.append(_resolution_loss(A, aug.downscale))
-    return A.Compose(steps, seed=params.base.seed)
-
-
-class _AugmentedDataset:
-    """Torch-style dataset: augment, then the same normalisation inference applies."""
-
-    def __init__(
-        self, samples: list[Sample], augment, prep: Preprocessing, interior_margin: int, repeats: int = 1
-    ):
-        self.samples, self.augment, self.prep, self.repeats = samples, augment, prep, repeats
-        # Interior targets come from whole images, so a crop's border is not taken for an edge.
-        self.labels = [_labels(s, prep, interior_margin) for s in samples]
-
-    def __len__(self) -> int:
-        return len(self.samples) * self.repeats  # each repeat is another random crop
-
-    def __getitem__(self, i: int):
-        i %= len(self.samples)
-        s = self.samples[i]
-        # Intensities are scaled exactly as inference scales them, then augmented as floats.
-        out = self.augment(image=scale_intensity(s.image, self.prep), mask=self.labels[i])
-        x = standardize(out["image"], self.prep)  # (C, h, w) float32
-        return x, _target(out["mask"], len(self.prep.classes))
 
 
 def train_model(
@@ -204,7 +122,7 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
     model = compute.prepare(build_model(spec, cfg.encoder_weights))
     loss_fn = _make_loss(cfg.dice_weight, len(params.base.classes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    dataset = _AugmentedDataset(
+    dataset = AugmentedDataset(
         train, build_augmentations(params), prep, cfg.interior_margin, cfg.crops_per_image
     )
     loader = _loader(dataset, distributed.check_batch(cfg.batch_size, world.size), params.base.seed, world)
@@ -324,7 +242,7 @@ def _loader(dataset, batch_size: int, seed: int, world: distributed.World):
         shuffle=sampler is None,
         sampler=sampler,
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=_collate,
+        collate_fn=collate,
     )
 
 
@@ -341,44 +259,6 @@ def _restore(state: dict, model, optimizer, scheduler, resume: ResumeFile | None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return True
-
-
-def _labels(sample: Sample, prep: Preprocessing, interior_margin: int) -> np.ndarray:
-    """What a sample teaches: (H, W) uint8 class ids, or for watershed and distance models
-    (H, W, 2) uint8 class ids + the seed target scaled to 0-255 (interior 0/255, or distance)."""
-    if prep.instances not in SEEDED:
-        return sample.mask
-    if sample.instances is None:
-        raise UserError(
-            f"{sample.id}: inference.instances is {prep.instances} but the dataset has no instance ids; "
-            "use instance masks (ingest.mask_kind: instance, or COCO) or set inference.instances: components"
-        )
-    if prep.instances == "distance":
-        seed = np.round(distance_target(sample.instances) * 255)
-    else:
-        seed = interior_target(sample.instances, interior_margin) * 255
-    return np.dstack([sample.mask, seed.astype(np.uint8)])
-
-
-def _target(labels: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
-    """Labels from `_labels` -> loss targets.
-
-    Returns:
-        "semantic": (1, h, w) float32 foreground (two classes) or (h, w) int64 class ids;
-        "interior" (watershed and distance): (1, h, w) float32 in [0, 1].
-    """
-    mask = labels[..., 0] if labels.ndim == 3 else labels
-    target = {"semantic": (mask > 0).astype(np.float32)[None] if n_classes == 2 else mask.astype(np.int64)}
-    if labels.ndim == 3:
-        target["interior"] = (labels[..., 1].astype(np.float32) / 255.0)[None]
-    return target
-
-
-def _collate(batch):
-    import torch
-
-    xs, ys = zip(*batch, strict=True)
-    return torch.from_numpy(np.stack(xs)), {k: torch.from_numpy(np.stack([y[k] for y in ys])) for k in ys[0]}
 
 
 def _make_loss(dice_weight: float, n_classes: int):
@@ -423,7 +303,7 @@ def _validate(
     # Model selection needs no size estimate: size-normalised models see each image at its true size.
     diameters = [median_diameter(s.instances) if s.instances is not None else None for s in val]
     for s, logit in zip(val, segmenter.logits([s.image for s in val], diameters), strict=True):
-        target = _target(_labels(s, prep, interior_margin), n_classes)
+        target = loss_targets(sample_labels(s, prep, interior_margin), n_classes)
         target = {k: torch.from_numpy(v)[None] for k, v in target.items()}
         losses.append(loss_fn(torch.from_numpy(logit)[None], target).item())
         _, pred = semantic_mask(logit[:n_semantic], threshold=0.5)

@@ -18,7 +18,7 @@ from segflow.core.images import read_image
 from segflow.core.sizes import median_diameter
 from segflow.data.samples import Sample
 from segflow.data.sources import read_source
-from segflow.train.loop import data_diameter, rescale_samples
+from segflow.train.dataset import data_diameter, rescale_samples
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 FLUO, BRIGHTFIELD = DATA / "dsb2018_fluo_subset", DATA / "dsb2018_brightfield_subset"

@@ -377,7 +377,8 @@ def test_parity_fails_when_one_backend_returns_nan():
 def test_training_items_from_16_bit_images_match_their_8_bit_twins(scaling):
     from segflow.config import parse_params
     from segflow.data.samples import Sample
-    from segflow.train.loop import _AugmentedDataset, build_augmentations, preprocessing_from
+    from segflow.train.dataset import AugmentedDataset, build_augmentations
+    from segflow.train.loop import preprocessing_from
 
     params = parse_params(
         {
@@ -401,7 +402,7 @@ def test_training_items_from_16_bit_images_match_their_8_bit_twins(scaling):
     prep = preprocessing_from(params)
     instances = label_instances(mask)
     items = [
-        _AugmentedDataset([Sample("a", img, mask, instances)], build_augmentations(params), prep, 2)[0]
+        AugmentedDataset([Sample("a", img, mask, instances)], build_augmentations(params), prep, 2)[0]
         for img in (image8, image16)
     ]
     np.testing.assert_allclose(items[0][0], items[1][0], atol=1e-5)

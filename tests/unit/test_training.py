@@ -17,8 +17,9 @@ from scipy import ndimage as ndi
 from segflow.config import parse_params
 from segflow.data.samples import Sample
 from segflow.train.checkpoints import load_checkpoint
+from segflow.train.dataset import build_augmentations
 from segflow.train.epochs import best_epoch, build_scheduler, epoch_seed, seed_epoch, should_stop
-from segflow.train.loop import build_augmentations, train_model
+from segflow.train.loop import train_model
 from segflow.train.precision import Compute, native_bf16
 from segflow.train.resume import ResumeFile, discard, fingerprint
 

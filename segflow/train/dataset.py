@@ -1,0 +1,138 @@
+"""What the network is shown: training images at the trained object size, augmented, and the
+targets each one teaches (class ids, plus the interior or distance map that seeds the watershed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from segflow.config import Params
+from segflow.core.instances import distance_target, interior_target
+from segflow.core.postprocessing import SEEDED
+from segflow.core.preprocessing import Preprocessing, scale_intensity, standardize
+from segflow.core.sizes import median_diameter, resize_image, resize_labels, scale_for, scaled_shape
+from segflow.data.samples import Sample
+from segflow.errors import UserError
+from segflow.runtime import offline_env
+
+
+def data_diameter(samples: list[Sample]) -> float:
+    """The median over images of each image's typical object diameter (sizes.median_diameter),
+    in pixels; 0 without instance ids. Inference's first guess for an image of unknown size."""
+    found = [median_diameter(s.instances) for s in samples if s.instances is not None]
+    found = [d for d in found if d]
+    return float(np.median(found)) if found else 0.0
+
+
+def rescale_samples(samples: list[Sample], target: float, fallback: float) -> list[Sample]:
+    """Samples rescaled so each image's median object is `target` pixels across.
+
+    An image without objects is rescaled as if its objects had the `fallback` diameter (the
+    dataset's median), so background-only crops keep the dataset's usual scale.
+    """
+    out = []
+    for s in samples:
+        found = median_diameter(s.instances) if s.instances is not None else None
+        shape = scaled_shape(s.image.shape, scale_for(found or fallback, target))
+        instances = None if s.instances is None else resize_labels(s.instances, shape)
+        out.append(Sample(s.id, resize_image(s.image, shape), resize_labels(s.mask, shape), instances))
+    return out
+
+
+def _resolution_loss(A, p: float):
+    """An albumentations transform that shrinks the image (not the mask) by 0.5-0.9 and
+    enlarges it back with probability p, keeping its dtype.
+
+    Objects imaged at lower magnification and enlarged to the trained size at inference arrive
+    blurred; this shows the model such images, resized the way inference resizes them
+    (sizes.resize_image: area averaging down, bilinear up). albumentations' own Downscale
+    returns 16-bit images as float, which intensity scaling would misread.
+    """
+
+    class ResolutionLoss(A.Downscale):
+        def apply(self, img: np.ndarray, scale: float, **params) -> np.ndarray:
+            return resize_image(resize_image(img, scaled_shape(img.shape, scale)), img.shape[:2])
+
+    return ResolutionLoss(scale_range=(0.5, 0.9), p=p)
+
+
+def build_augmentations(params: Params):
+    """albumentations pipeline from params.train.augment (applied to uint8/uint16 images)."""
+    offline_env()
+    import albumentations as A
+
+    aug, crop = params.train.augment, params.train.crop_size
+    steps = []
+    if aug.scale:  # objects of several sizes around train.diameter (or the native size)
+        steps.append(A.RandomScale(scale_limit=aug.scale, p=1.0))
+    if crop:
+        steps.append(A.RandomCrop(height=crop, width=crop, pad_if_needed=True))
+    steps += [
+        A.HorizontalFlip(p=aug.hflip),
+        A.VerticalFlip(p=aug.vflip),
+        A.RandomRotate90(p=aug.rotate90),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=aug.brightness_contrast),
+        A.GaussNoise(std_range=(0.01, 0.04), p=aug.gauss_noise),
+    ]
+    if aug.downscale:
+        steps.append(_resolution_loss(A, aug.downscale))
+    return A.Compose(steps, seed=params.base.seed)
+
+
+class AugmentedDataset:
+    """Torch-style dataset: augment, then the same normalisation inference applies."""
+
+    def __init__(
+        self, samples: list[Sample], augment, prep: Preprocessing, interior_margin: int, repeats: int = 1
+    ):
+        self.samples, self.augment, self.prep, self.repeats = samples, augment, prep, repeats
+        # Interior targets come from whole images, so a crop's border is not taken for an edge.
+        self.labels = [sample_labels(s, prep, interior_margin) for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.repeats  # each repeat is another random crop
+
+    def __getitem__(self, i: int):
+        i %= len(self.samples)
+        s = self.samples[i]
+        # Intensities are scaled exactly as inference scales them, then augmented as floats.
+        out = self.augment(image=scale_intensity(s.image, self.prep), mask=self.labels[i])
+        x = standardize(out["image"], self.prep)  # (C, h, w) float32
+        return x, loss_targets(out["mask"], len(self.prep.classes))
+
+
+def sample_labels(sample: Sample, prep: Preprocessing, interior_margin: int) -> np.ndarray:
+    """What a sample teaches: (H, W) uint8 class ids, or for watershed and distance models
+    (H, W, 2) uint8 class ids + the seed target scaled to 0-255 (interior 0/255, or distance)."""
+    if prep.instances not in SEEDED:
+        return sample.mask
+    if sample.instances is None:
+        raise UserError(
+            f"{sample.id}: inference.instances is {prep.instances} but the dataset has no instance ids; "
+            "use instance masks (ingest.mask_kind: instance, or COCO) or set inference.instances: components"
+        )
+    if prep.instances == "distance":
+        seed = np.round(distance_target(sample.instances) * 255)
+    else:
+        seed = interior_target(sample.instances, interior_margin) * 255
+    return np.dstack([sample.mask, seed.astype(np.uint8)])
+
+
+def loss_targets(labels: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """Labels from `sample_labels` -> loss targets.
+
+    Returns:
+        "semantic": (1, h, w) float32 foreground (two classes) or (h, w) int64 class ids;
+        "interior" (watershed and distance): (1, h, w) float32 in [0, 1].
+    """
+    mask = labels[..., 0] if labels.ndim == 3 else labels
+    target = {"semantic": (mask > 0).astype(np.float32)[None] if n_classes == 2 else mask.astype(np.int64)}
+    if labels.ndim == 3:
+        target["interior"] = (labels[..., 1].astype(np.float32) / 255.0)[None]
+    return target
+
+
+def collate(batch):
+    import torch
+
+    xs, ys = zip(*batch, strict=True)
+    return torch.from_numpy(np.stack(xs)), {k: torch.from_numpy(np.stack([y[k] for y in ys])) for k in ys[0]}

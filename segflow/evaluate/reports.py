@@ -18,7 +18,7 @@ from pathlib import Path
 from segflow.artifacts import write_csv, write_json
 from segflow.core.preprocessing import POSTPROCESS_FIELDS, Preprocessing
 from segflow.evaluate.figures import line_chart, training_chart
-from segflow.evaluate.metrics import IOU_THRESHOLDS
+from segflow.evaluate.instance_metrics import IOU_THRESHOLDS
 from segflow.evaluate.scoring import SplitScores
 
 MAIN_SETS = ("val", "test")

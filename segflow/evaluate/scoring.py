@@ -22,15 +22,8 @@ from segflow.core.postprocessing import SEEDED, Prediction, to_prediction, witho
 from segflow.core.preprocessing import Preprocessing, scale_intensity, to_channels
 from segflow.data.samples import Sample
 from segflow.evaluate.baseline import otsu_segment, otsu_watershed
-from segflow.evaluate.metrics import (
-    class_confusions,
-    confusion,
-    image_instance_scores,
-    image_scores,
-    instance_summary,
-    summarize,
-    summarize_classes,
-)
+from segflow.evaluate.instance_metrics import image_instance_scores, instance_summary
+from segflow.evaluate.metrics import class_confusions, confusion, image_scores, summarize, summarize_classes
 
 log = logging.getLogger(__name__)
 

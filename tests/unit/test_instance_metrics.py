@@ -1,4 +1,4 @@
-"""segflow.evaluate.metrics instance metrics (COCO mask AP, count error) against hand-computed values.
+"""segflow.evaluate.instance_metrics (COCO mask AP, count error) against hand-computed values.
 
 COCO AP averages precision at 101 recall points 0, 0.01, ..., 1 (the precision at recall r is
 the best precision at any recall >= r, 0 past the recall reached). So a single operating point
@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from segflow.evaluate.metrics import IOU_THRESHOLDS, _instance_rles, image_instance_scores, instance_summary
+from segflow.evaluate.instance_metrics import (
+    IOU_THRESHOLDS,
+    _instance_rles,
+    image_instance_scores,
+    instance_summary,
+)
 
 # Only rounding is allowed: AP is a mean of 101 floats and pycocotools divides by tp + fp + eps.
 EXACT = {"abs": 1e-12}

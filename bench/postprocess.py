@@ -1,5 +1,5 @@
 """CPU time of what the service does per image besides the model: post-processing (logits ->
-mask and objects, segflow.core.inference.to_prediction) and the JSON answer
+mask and objects, segflow.core.postprocessing.to_prediction) and the JSON answer
 (segflow.serve.answers.answer), on the champion's own logits for the sample images.
 
     python bench/postprocess.py                  # data/images, the champion in the BentoML store

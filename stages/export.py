@@ -36,61 +36,72 @@ from segflow.train.checkpoints import load_checkpoint, torch_segmenter
 
 def main() -> None:
     params = load_params()
-    cfg = params.export
     set_threads(params.train.threads)
     model, prep = load_checkpoint(MODEL / "model.pt")
     prep = prep.with_postprocess(read_json(REPORTS / "postprocess.json"))  # as evaluate chose on val
     test = load_samples(read_manifest(SPLIT / "test.csv"), CONVERTED)
     train = load_samples(read_manifest(SPLIT / "train.csv"), CONVERTED)
-    metrics = read_json(REPORTS / "metrics.json")
 
     with replace_dir(EXPORT) as out:
-        export_onnx(model, prep, out / "model.onnx", cfg.opset, cfg.ir_version)
-        prep.save(out / "preprocessing.json")
-        onnx = Segmenter.from_onnx(out / "model.onnx", prep)
-        # A ParityError (a UserError) stops the stage with its message, before registration.
-        parity = check_parity(torch_segmenter(model, prep), onnx, [s.image for s in test], cfg.parity_atol)
-        write_json(out / "parity.json", parity)
-        # What the service's drift signal compares live traffic with (training images).
-        profile = profile_model(onnx, [s.image for s in train])
-        write_json(out / REFERENCE_FILE, profile)
-        print(
-            f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images"
-        )
-        int8 = None
-        if cfg.int8.enabled:
-            val = load_samples(read_manifest(SPLIT / "val.csv"), CONVERTED)
-            int8 = int8_variant(cfg.int8, onnx, out, train, val)
-            shipped = "shipped" if int8["passed"] else "not shipped"
-            print(f"export: INT8 variant {shipped}: {int8['reason']}")
-
+        parity, int8 = _write_model_files(params.export, model, prep, out, train, test)
         tags = tracking.lineage_tags("export", params.digest(), data_hash(SPLIT))
-        with tracking.model_stage_run("export", tags, MODEL) as (parent_id, _):
-            import mlflow
-
-            mlflow.log_metrics({"parity_max_abs_diff": parity["max_abs_diff"]})
-            if int8 is not None:
-                mlflow.log_dict(int8, INT8_REPORT)
-                drops = {f"int8_{k}": v for k, v in int8.items() if k.endswith("_drop")}
-                mlflow.log_metrics(drops | {"int8_shipped": int(int8["passed"])})
-            tracking.log_datasets(SPLIT, ("train", "test"))  # the drift reference; the parity check
-            mlflow.log_dict(parity, "parity.json")
-        example = normalize(test[0].image, prep)[None, :, :64, :64]  # (1, C, 64, 64) float32
-        version_tags = {**tags, "segflow.test_hash": read_json(SPLIT / "summary.json")["test_hash"]}
-        version_tags |= {f"test_{k}": v for k, v in metrics["test"].items()}
-        registration = tracking.register_onnx(
-            parent_id,
-            out / "model.onnx",
-            out / "preprocessing.json",
-            example,
-            cfg.registered_model_name,
-            version_tags,
-            extra_files=tuple(
-                out / name for name in (REFERENCE_FILE, INT8_FILE, INT8_REPORT) if (out / name).is_file()
-            ),
-            int8_path=out / INT8_FILE,
-        )
+        parent_id = _log_checks(tags, parity, int8)
+        registration = _register(params.export, parent_id, out, prep, test, tags)
     print(f"export: registered {registration['name']} version {registration['version']} as 'challenger'")
+
+
+def _write_model_files(cfg, model, prep, out, train, test) -> tuple[dict, dict | None]:
+    """model.onnx, preprocessing.json, the parity check, the drift reference and (with
+    export.int8) the INT8 variant, in `out`. Returns the parity and INT8 reports."""
+    export_onnx(model, prep, out / "model.onnx", cfg.opset, cfg.ir_version)
+    prep.save(out / "preprocessing.json")
+    onnx = Segmenter.from_onnx(out / "model.onnx", prep)
+    # A ParityError (a UserError) stops the stage with its message, before registration.
+    parity = check_parity(torch_segmenter(model, prep), onnx, [s.image for s in test], cfg.parity_atol)
+    write_json(out / "parity.json", parity)
+    # What the service's drift signal compares live traffic with (training images).
+    write_json(out / REFERENCE_FILE, profile_model(onnx, [s.image for s in train]))
+    print(f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images")
+    if not cfg.int8.enabled:
+        return parity, None
+    val = load_samples(read_manifest(SPLIT / "val.csv"), CONVERTED)
+    int8 = int8_variant(cfg.int8, onnx, out, train, val)
+    print(f"export: INT8 variant {'shipped' if int8['passed'] else 'not shipped'}: {int8['reason']}")
+    return parity, int8
+
+
+def _log_checks(tags: dict, parity: dict, int8: dict | None) -> str:
+    """The parity and INT8 checks on the model's MLflow runs; returns the parent run's id."""
+    with tracking.model_stage_run("export", tags, MODEL) as (parent_id, _):
+        import mlflow
+
+        mlflow.log_metrics({"parity_max_abs_diff": parity["max_abs_diff"]})
+        if int8 is not None:
+            mlflow.log_dict(int8, INT8_REPORT)
+            drops = {f"int8_{k}": v for k, v in int8.items() if k.endswith("_drop")}
+            mlflow.log_metrics(drops | {"int8_shipped": int(int8["passed"])})
+        tracking.log_datasets(SPLIT, ("train", "test"))  # the drift reference; the parity check
+        mlflow.log_dict(parity, "parity.json")
+    return parent_id
+
+
+def _register(cfg, parent_id: str, out, prep, test, tags: dict) -> dict:
+    """A new version of the registered model, aliased 'challenger', with the test scores as tags."""
+    example = normalize(test[0].image, prep)[None, :, :64, :64]  # (1, C, 64, 64) float32
+    version_tags = {**tags, "segflow.test_hash": read_json(SPLIT / "summary.json")["test_hash"]}
+    version_tags |= {f"test_{k}": v for k, v in read_json(REPORTS / "metrics.json")["test"].items()}
+    return tracking.register_onnx(
+        parent_id,
+        out / "model.onnx",
+        out / "preprocessing.json",
+        example,
+        cfg.registered_model_name,
+        version_tags,
+        extra_files=tuple(
+            out / name for name in (REFERENCE_FILE, INT8_FILE, INT8_REPORT) if (out / name).is_file()
+        ),
+        int8_path=out / INT8_FILE,
+    )
 
 
 if __name__ == "__main__":

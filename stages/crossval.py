@@ -34,16 +34,12 @@ OUT = REPORTS / "crossval"  # summary.json (metrics), folds.csv, images.csv
 
 def main() -> None:
     if not _crossval_section().folds:
-        with replace_dir(OUT) as out:  # the files dvc.yaml declares, empty but for the summary
-            write_json(out / "summary.json", {"folds": 0})
-            write_csv(out / "folds.csv", [])
-            write_csv(out / "images.csv", [])
-        print("crossval: off (crossval.folds: 0); set it to 3 or more to cross-validate the recipe")
+        _write_off()
         return
     params = load_params()
     cfg = params.crossval
     # Imported here: training pulls in torch, which an off stage (every default run) need not load.
-    from segflow.evaluate.crossval import cross_validate, dataset_folds, describe, fold_table, summarize_folds
+    from segflow.evaluate.crossval import cross_validate, dataset_folds, describe, summarize_folds
 
     set_threads(params.train.threads)
     manifest = pd.concat([read_manifest(SPLIT / f"{name}.csv") for name in ("train", "val", "test")])
@@ -51,16 +47,30 @@ def main() -> None:
     started = time.perf_counter()
     results = cross_validate(params, samples, folds)
     minutes = (time.perf_counter() - started) / 60
-    classes = list(params.base.classes)
-    summary = summarize_folds(results, cfg.scales, classes, cfg.subsets)
-    with replace_dir(OUT) as out:
-        write_json(out / "summary.json", summary)
-        write_csv(out / "folds.csv", fold_table(summary))
-        write_csv(out / "images.csv", [row for r in results for row in r.rows])
+    summary = summarize_folds(results, cfg.scales, list(params.base.classes), cfg.subsets)
+    _write(summary, results)
     print(describe(summary, cfg.scales))
     print(f"crossval: {len(results)} models trained in {minutes:.1f} min "
           f"({sum(r.train_seconds for r in results) / 60:.1f} min of training)")  # fmt: skip
     _log(params, summary, results, minutes)
+
+
+def _write_off() -> None:
+    """The files dvc.yaml declares, empty but for the summary: crossval.folds is 0."""
+    with replace_dir(OUT) as out:
+        write_json(out / "summary.json", {"folds": 0})
+        write_csv(out / "folds.csv", [])
+        write_csv(out / "images.csv", [])
+    print("crossval: off (crossval.folds: 0); set it to 3 or more to cross-validate the recipe")
+
+
+def _write(summary: dict, results) -> None:
+    from segflow.evaluate.crossval import fold_table
+
+    with replace_dir(OUT) as out:
+        write_json(out / "summary.json", summary)
+        write_csv(out / "folds.csv", fold_table(summary))
+        write_csv(out / "images.csv", [row for r in results for row in r.rows])
 
 
 def _crossval_section():

@@ -41,12 +41,13 @@ def main() -> None:
     prep = prep.with_postprocess(read_json(REPORTS / "postprocess.json"))  # as evaluate chose on val
     test = load_samples(read_manifest(SPLIT / "test.csv"), CONVERTED)
     train = load_samples(read_manifest(SPLIT / "train.csv"), CONVERTED)
+    test_scores = read_json(REPORTS / "metrics.json")["test"]  # before anything is written
 
     with replace_dir(EXPORT) as out:
         parity, int8 = _write_model_files(params.export, model, prep, out, train, test)
         tags = tracking.lineage_tags("export", params.digest(), data_hash(SPLIT))
         parent_id = _log_checks(tags, parity, int8)
-        registration = _register(params.export, parent_id, out, prep, test, tags)
+        registration = _register(params.export, parent_id, out, prep, test, tags, test_scores)
     print(f"export: registered {registration['name']} version {registration['version']} as 'challenger'")
 
 
@@ -85,11 +86,11 @@ def _log_checks(tags: dict, parity: dict, int8: dict | None) -> str:
     return parent_id
 
 
-def _register(cfg, parent_id: str, out, prep, test, tags: dict) -> dict:
+def _register(cfg, parent_id: str, out, prep, test, tags: dict, test_scores: dict) -> dict:
     """A new version of the registered model, aliased 'challenger', with the test scores as tags."""
     example = normalize(test[0].image, prep)[None, :, :64, :64]  # (1, C, 64, 64) float32
     version_tags = {**tags, "segflow.test_hash": read_json(SPLIT / "summary.json")["test_hash"]}
-    version_tags |= {f"test_{k}": v for k, v in read_json(REPORTS / "metrics.json")["test"].items()}
+    version_tags |= {f"test_{k}": v for k, v in test_scores.items()}
     return tracking.register_onnx(
         parent_id,
         out / "model.onnx",

@@ -19,19 +19,16 @@ from segflow.artifacts import (
     read_manifest,
     replace_dir,
     run_stage,
-    write_json,
 )
 from segflow.config import load_params
-from segflow.core.inference import Segmenter
 from segflow.core.preprocessing import normalize
 from segflow.data.samples import load_samples
 from segflow.release import tracking
-from segflow.release.export import check_parity, export_onnx
-from segflow.release.quantize import int8_variant
+from segflow.release.export import write_export
 from segflow.runtime import set_threads
-from segflow.serve.monitoring import REFERENCE_FILE, profile_model
+from segflow.serve.monitoring import REFERENCE_FILE
 from segflow.serve.precision import INT8_FILE, INT8_REPORT
-from segflow.train.checkpoints import load_checkpoint, torch_segmenter
+from segflow.train.checkpoints import load_checkpoint
 
 
 def main() -> None:
@@ -41,34 +38,21 @@ def main() -> None:
     prep = prep.with_postprocess(read_json(REPORTS / "postprocess.json"))  # as evaluate chose on val
     test = load_samples(read_manifest(SPLIT / "test.csv"), CONVERTED)
     train = load_samples(read_manifest(SPLIT / "train.csv"), CONVERTED)
+    val = load_samples(read_manifest(SPLIT / "val.csv"), CONVERTED) if params.export.int8.enabled else None
     test_scores = read_json(REPORTS / "metrics.json")["test"]  # before anything is written
 
     with replace_dir(EXPORT) as out:
-        parity, int8 = _write_model_files(params.export, model, prep, out, train, test)
+        # A ParityError (a UserError) stops the stage with its message, before registration.
+        parity, int8 = write_export(params.export, model, prep, out, train, test, val)
+        print(
+            f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images"
+        )
+        if int8 is not None:
+            print(f"export: INT8 variant {'shipped' if int8['passed'] else 'not shipped'}: {int8['reason']}")
         tags = tracking.lineage_tags("export", params.digest(), data_hash(SPLIT))
         parent_id = _log_checks(tags, parity, int8)
         registration = _register(params.export, parent_id, out, prep, test, tags, test_scores)
     print(f"export: registered {registration['name']} version {registration['version']} as 'challenger'")
-
-
-def _write_model_files(cfg, model, prep, out, train, test) -> tuple[dict, dict | None]:
-    """model.onnx, preprocessing.json, the parity check, the drift reference and (with
-    export.int8) the INT8 variant, in `out`. Returns the parity and INT8 reports."""
-    export_onnx(model, prep, out / "model.onnx", cfg.opset, cfg.ir_version)
-    prep.save(out / "preprocessing.json")
-    onnx = Segmenter.from_onnx(out / "model.onnx", prep)
-    # A ParityError (a UserError) stops the stage with its message, before registration.
-    parity = check_parity(torch_segmenter(model, prep), onnx, [s.image for s in test], cfg.parity_atol)
-    write_json(out / "parity.json", parity)
-    # What the service's drift signal compares live traffic with (training images).
-    write_json(out / REFERENCE_FILE, profile_model(onnx, [s.image for s in train]))
-    print(f"export: parity max |ONNX - torch| = {parity['max_abs_diff']:.2e} on {parity['images']} images")
-    if not cfg.int8.enabled:
-        return parity, None
-    val = load_samples(read_manifest(SPLIT / "val.csv"), CONVERTED)
-    int8 = int8_variant(cfg.int8, onnx, out, train, val)
-    print(f"export: INT8 variant {'shipped' if int8['passed'] else 'not shipped'}: {int8['reason']}")
-    return parity, int8
 
 
 def _log_checks(tags: dict, parity: dict, int8: dict | None) -> str:

@@ -6,9 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+from segflow.artifacts import write_json
 from segflow.core.inference import Segmenter
 from segflow.core.preprocessing import Preprocessing
 from segflow.errors import UserError
+from segflow.release.quantize import int8_variant
+from segflow.serve.monitoring import REFERENCE_FILE, profile_model
+from segflow.train.checkpoints import torch_segmenter
 
 
 class ParityError(UserError):
@@ -84,3 +88,24 @@ def check_parity(
             "trained one: check the opset (export.opset) and custom layers"
         )
     return report
+
+
+def write_export(cfg, model, prep: Preprocessing, out: Path, train, test, val) -> tuple[dict, dict | None]:
+    """What the export stage ships, in `out`: model.onnx, preprocessing.json, parity.json, the
+    drift reference (the model's profile on the training images) and, with export.int8, the
+    INT8 variant checked on `val`.
+
+    Returns:
+        The parity report, and the INT8 report (None without export.int8).
+
+    Raises:
+        ParityError: ONNX and torch disagree on the test images; nothing is registered.
+    """
+    export_onnx(model, prep, out / "model.onnx", cfg.opset, cfg.ir_version)
+    prep.save(out / "preprocessing.json")
+    onnx = Segmenter.from_onnx(out / "model.onnx", prep)
+    parity = check_parity(torch_segmenter(model, prep), onnx, [s.image for s in test], cfg.parity_atol)
+    write_json(out / "parity.json", parity)
+    write_json(out / REFERENCE_FILE, profile_model(onnx, [s.image for s in train]))
+    int8 = int8_variant(cfg.int8, onnx, out, train, val) if cfg.int8.enabled else None
+    return parity, int8

@@ -18,7 +18,7 @@ import numpy as np
 
 from segflow.core.postprocessing import Prediction, to_prediction
 from segflow.core.preprocessing import Preprocessing, normalize
-from segflow.core.sizes import median_diameter, resize_planes, scale_for, scaled_shape, solid_fraction
+from segflow.core.sizes import predicted_diameter, resize_planes, scale_for, scaled_shape, solid_fraction
 from segflow.core.tiling import tiled_logits
 from segflow.core.tta import averaged_logits
 from segflow.errors import UserError
@@ -136,7 +136,7 @@ class Segmenter:
             wanted = {}
             for i in pending:
                 applied = self._applied_scale(inputs[i].shape[1:], scales[i])
-                found = median_diameter(to_prediction(logits[i], prep, applied).instances)
+                found = predicted_diameter(to_prediction(logits[i], prep, applied).instances)
                 scale = scale_for(found, prep.train_diameter) if found else scales[i]
                 wanted[i] = float(np.clip(scale, guess / 4, guess * 4))
                 log.debug("image %d: objects about %s px across, scale %.3f", i, found, wanted[i])

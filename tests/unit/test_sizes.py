@@ -10,7 +10,14 @@ from scipy.ndimage import label
 from segflow.config import InferenceParams
 from segflow.core.inference import Segmenter
 from segflow.core.preprocessing import Preprocessing
-from segflow.core.sizes import median_diameter, resize_labels, resize_planes, scale_for, solid_fraction
+from segflow.core.sizes import (
+    median_diameter,
+    predicted_diameter,
+    resize_labels,
+    resize_planes,
+    scale_for,
+    solid_fraction,
+)
 from segflow.data.samples import Sample
 from segflow.errors import UserError
 from segflow.evaluate.scoring import choose_postprocessing
@@ -49,6 +56,29 @@ def test_median_diameter_ignores_a_blob_that_floods_most_of_the_foreground():
         yy, xx = np.ogrid[:100, :400]
         mixed[(yy - 50) ** 2 + (xx - 20 - 38 * i) ** 2 <= radius**2] = i + 1
     assert 18 <= median_diameter(mixed) <= 26
+
+
+def nuclei_and_floods() -> np.ndarray:
+    """50 disks 20 px across, and below them 3 flooded 100 x 100 squares holding twice their pixels."""
+    image = np.zeros((400, 400), np.uint16)
+    image[:200, :] = disks(400, 10, 40)[:200]
+    for i, x in enumerate((20, 150, 280)):
+        image[260:360, x : x + 100] = 1000 + i
+    return image
+
+
+def test_predicted_sizes_leave_out_a_few_floods_but_not_a_population():
+    flooded = nuclei_and_floods()
+    # Several floods outweigh the nuclei, so the area-weighted median lands on them; they are
+    # 3 objects of 53, so the model's own size estimate leaves them out.
+    assert median_diameter(flooded) > 100
+    assert predicted_diameter(flooded) == pytest.approx(20, rel=0.1)
+    # 500 specks make the 25 real objects "giant" by count, but the specks hold few pixels:
+    # they are no population the objects could be floods beside, so the area-weighted median decides.
+    specks = disks(200, 10, 40)
+    specks[0:40:4, 0:200:4] = np.arange(1000, 1500, dtype=np.uint16).reshape(10, 50)
+    assert predicted_diameter(specks) == pytest.approx(20, rel=0.1)
+    assert predicted_diameter(np.zeros((8, 8), np.uint16)) is None
 
 
 def test_scale_for_is_clamped_and_neutral_when_unknown():
@@ -108,6 +138,14 @@ def test_auto_estimates_each_images_object_size_with_a_first_pass():
     model.shapes.clear()
     _segmenter(model, diameter=40.0).predict([image])  # a fixed diameter needs one pass
     assert model.shapes == [(64, 64)]
+
+
+def test_auto_is_not_led_away_by_a_few_floods():
+    image = (nuclei_and_floods() > 0).astype(np.uint8) * 255
+    model = DiskModel()
+    _, [applied] = _segmenter(model, diameter="auto").scaled_logits([image])
+    # The first pass at the trained size finds the nuclei at 20 px: no shrinking after the floods.
+    assert applied == pytest.approx(1.0) and model.shapes == [(400, 400)]
 
 
 class SplittingModel(DiskModel):

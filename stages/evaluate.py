@@ -28,6 +28,7 @@ from segflow.evaluate.scoring import (
     choose_postprocessing,
     classical_baseline,
     score_predictions,
+    val_as_served,
     write_overlays,
 )
 from segflow.release import tracking
@@ -47,13 +48,13 @@ def main() -> None:
 
     # Post-processing and TTA are chosen on val only; test and the extra sets are scored once, with them.
     tuning = choose_postprocessing(segmenter, sets["val"], cfg)
-    prep, val_logits = tuning.prep, tuning.logits
+    prep = tuning.prep
     report = EvaluationReport(prep, tuning.grid, tuned_by=cfg.tune_metric if cfg.tune else None)
     report.seconds_per_image = tuning.seconds_per_image
     report.history = read_json(MODEL / "history.json")
     for name, samples in sets.items():
         if name == "val":
-            logits, scales = val_logits, tuning.scales
+            logits, scales = val_as_served(tuning, segmenter, samples)
         else:
             logits, scales = segmenter.scaled_logits([s.image for s in samples])
         predictions = [to_prediction(logit, prep, scale) for logit, scale in zip(logits, scales, strict=True)]

@@ -26,7 +26,7 @@ from segflow.core.postprocessing import Prediction, to_prediction
 from segflow.core.sizes import median_diameter, resize_image, resize_labels, scaled_shape
 from segflow.data.samples import Sample, load_samples
 from segflow.errors import UserError
-from segflow.evaluate.scoring import SplitScores, choose_postprocessing, score_predictions
+from segflow.evaluate.scoring import SplitScores, choose_postprocessing, score_predictions, sizes_estimated
 from segflow.train.checkpoints import checkpoint_segmenter
 from segflow.train.loop import train_model
 
@@ -154,7 +154,7 @@ def known_diameter_scores(
     not the best size for every image, so an estimate can also beat it.
     """
     prep = segmenter.prep
-    if not prep.train_diameter or prep.diameter != "auto" or any(s.instances is None for s in images):
+    if not sizes_estimated(prep) or any(s.instances is None for s in images):
         return None
     # An image without objects has no true size: None lets inference estimate it.
     true = [median_diameter(s.instances) for s in images]

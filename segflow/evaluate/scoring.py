@@ -146,7 +146,9 @@ class Tuning:
 
     prep: Preprocessing  # the model's preprocessing with the chosen post-processing and TTA
     grid: list[dict]  # every grid point tried, with its tta, diameter choices and val scores
-    logits: list[np.ndarray]  # the val logits under the chosen TTA
+    # the val logits under the chosen TTA (sized, where sizes are estimated, with
+    # params.inference's post-processing: val_as_served)
+    logits: list[np.ndarray]
     scales: list[float]  # the factor each val image was resized by for the model
     # model time per val image (sizes and tiles included), by TTA mode ("flips"; with several
     # diameter choices "flips_4sizes")
@@ -183,11 +185,33 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
     return Tuning(best[0], grid, best[1], best[2], timings)
 
 
+def val_as_served(
+    tuning: Tuning, segmenter: Segmenter, val: list[Sample]
+) -> tuple[list[np.ndarray], list[float]]:
+    """The val logits and scales as the chosen preprocessing produces them, for scoring val.
+
+    Where inference estimates object sizes, the estimate reads the model's own objects, so it
+    depends on the post-processing too: tuning sized the val images once per TTA mode with
+    params.inference's values (not again per grid point), while served images are sized with
+    the chosen ones. Val is then run once more, so its scores describe what is served (the
+    segmenter's prep is left as chosen); elsewhere the tuning's logits are exactly that.
+    """
+    if not sizes_estimated(tuning.prep):
+        return tuning.logits, tuning.scales
+    segmenter.prep = tuning.prep
+    return segmenter.scaled_logits([s.image for s in val])
+
+
+def sizes_estimated(prep: Preprocessing) -> bool:
+    """Whether inference estimates each image's object size (a size-normalised model with
+    inference.diameter auto)."""
+    return bool(prep.train_diameter) and prep.diameter == "auto"
+
+
 def _views_and_sizes(prep: Preprocessing, cfg: InferenceParams) -> list[tuple[str, list[float]]]:
     """The (tta, diameter_choices) pairs tuning tries, cheapest first within each mode. Size
     choices act only where sizes are estimated (a size-normalised model, diameter auto)."""
-    estimated = prep.train_diameter and prep.diameter == "auto"
-    sizes = cfg.diameter_choices_grid if estimated else [[1.0]]
+    sizes = cfg.diameter_choices_grid if sizes_estimated(prep) else [[1.0]]
     return [(mode, choices) for mode in cfg.tta_grid for choices in sizes]
 
 

@@ -20,7 +20,7 @@ from segflow.core.sizes import (
 )
 from segflow.data.samples import Sample
 from segflow.errors import UserError
-from segflow.evaluate.scoring import choose_postprocessing
+from segflow.evaluate.scoring import choose_postprocessing, val_as_served
 
 
 def disks(size: int, radius: int, spacing: int) -> np.ndarray:
@@ -346,3 +346,41 @@ def test_tuning_tries_each_set_of_diameter_choices_on_val_and_keeps_the_best():
     # A model at native scale estimates no sizes: the choices are not tried.
     native = choose_postprocessing(_segmenter(MergingModel(), train_diameter=0.0), val, cfg)
     assert [row["diameter_choices"] for row in native.grid] == [[1.0]]
+
+
+class RimModel(DiskModel):
+    """Like DiskModel, but its foreground logit rises from -3 at an object's edge by 1 per
+    pixel inward, so the threshold decides how large objects come out, and with it the size
+    estimate: 20 px disks measure about 14 px at 0.5 and about 8 px at 0.95."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.shapes += [tuple(x.shape[1:]) for x in batch]
+        out = np.full((len(batch), 2, *batch.shape[2:]), -8.0, np.float32)
+        for i, x in enumerate(batch[:, 0] > 0):
+            depth = cv2.distanceTransform(x.astype(np.uint8), cv2.DIST_L2, 5)
+            out[i, :][:, x] = depth[x] - 3.0
+        return out
+
+
+def test_val_is_scored_as_served_where_sizes_follow_the_post_processing():
+    truth = disks(128, 10, 32)
+    val = [Sample("disks", (truth > 0).astype(np.uint8) * 255, (truth > 0).astype(np.uint8), truth)]
+    # Tuning sizes val with params.inference's threshold (0.95) and chooses 0.5, the only one on its grid.
+    cfg = InferenceParams(threshold=0.95, threshold_grid=[0.5], seed_threshold_grid=[0.5], min_area_grid=[0])
+    model = RimModel()
+    segmenter = _segmenter(model, diameter="auto", seed_threshold=0.5)
+    tuning = choose_postprocessing(segmenter, val, cfg)
+    assert tuning.prep.threshold == 0.5
+    logits, scales = val_as_served(tuning, segmenter, val)
+    served_logits, served_scales = segmenter.scaled_logits([s.image for s in val])  # as predict runs
+    assert scales == served_scales and np.array_equal(logits[0], served_logits[0])
+    # Objects read smaller at 0.95, so tuning enlarged val more than serving does.
+    assert tuning.scales[0] > scales[0] > 1.0
+    # A model at native scale sizes nothing: the tuning's logits are already what is served.
+    native_model = RimModel()
+    native = _segmenter(native_model, train_diameter=0.0)
+    native_tuning = choose_postprocessing(native, val, cfg)
+    calls = len(native_model.shapes)
+    logits, scales = val_as_served(native_tuning, native, val)
+    assert logits is native_tuning.logits and scales is native_tuning.scales
+    assert len(native_model.shapes) == calls  # no model pass

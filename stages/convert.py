@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from segflow.artifacts import (
     CONVERTED,
     INGESTED,
     SUMMARY,
-    StageError,
     data_hash,
     read_json,
     read_manifest,
@@ -19,7 +16,7 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import load_params
-from segflow.data.canonical import absent_classes, class_values_by_id, convert_one
+from segflow.data.canonical import convert_all
 from segflow.release import tracking
 
 
@@ -30,36 +27,11 @@ def main() -> None:
     image_root = Path(ingested.get("image_root", ingested["source"]))
     mask_root = Path(ingested.get("mask_root", ingested["source"]))
     mask_kind = ingested.get("mask_kind", params.ingest.mask_kind)
-    classes = list(params.base.classes)
-    class_values = class_values_by_id(params.convert.class_values, classes)
     manifest = read_manifest(INGESTED / "manifest.csv")
-    rows = []
     with replace_dir(CONVERTED) as out:
-        for row in manifest.itertuples():
-            rows.append(
-                convert_one(
-                    row,
-                    image_root,
-                    mask_root,
-                    out,
-                    mask_kind,
-                    params.convert.foreground_values,
-                    class_values=class_values,
-                    n_classes=len(classes),
-                )
-            )
-        converted = pd.DataFrame(rows)
-        absent = absent_classes(converted, classes)
-        if absent:
-            raise StageError(
-                f"convert: no mask contains class(es) {absent} of base.classes {classes}; check the "
-                "class names against your annotations (palette, COCO categories or convert.class_values)"
-            )
-        if not (converted["foreground_fraction"] > 0).any():
-            raise StageError(
-                "convert: every mask is empty after conversion; check ingest.mask_kind, "
-                "ingest.mask_values and convert.foreground_values in params.yaml"
-            )
+        converted = convert_all(
+            manifest, image_root, mask_root, out, mask_kind, params.convert, list(params.base.classes)
+        )
         converted.to_csv(out / "manifest.csv", index=False)
         summary = {"images": len(converted), "data_hash": data_hash(INGESTED),
                    "foreground_fraction": float(converted["foreground_fraction"].mean())}  # fmt: skip

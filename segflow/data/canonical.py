@@ -8,8 +8,54 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from segflow.config import ConvertParams
 from segflow.core.images import content_hash, read_image, write_png
 from segflow.core.masks import instances_to_semantic, relabel_sequential, semantic_from_values
+from segflow.errors import UserError
+
+
+def convert_all(
+    manifest: pd.DataFrame,
+    image_root: Path,
+    mask_root: Path,
+    out: Path,
+    mask_kind: str,
+    cfg: ConvertParams,
+    classes: list[str],
+) -> pd.DataFrame:
+    """Every ingest manifest row converted into `out` (convert_one); the converted manifest.
+
+    Raises:
+        UserError: a class no mask contains (with more than two classes), or every mask
+            empty after conversion: a model could not learn from them.
+    """
+    class_values = _class_values_by_id(cfg.class_values, classes)
+    rows = [
+        convert_one(
+            row,
+            image_root,
+            mask_root,
+            out,
+            mask_kind,
+            cfg.foreground_values,
+            class_values=class_values,
+            n_classes=len(classes),
+        )
+        for row in manifest.itertuples()
+    ]
+    converted = pd.DataFrame(rows)
+    absent = _absent_classes(converted, classes)
+    if absent:
+        raise UserError(
+            f"convert: no mask contains class(es) {absent} of base.classes {classes}; check the "
+            "class names against your annotations (palette, COCO categories or convert.class_values)"
+        )
+    if not (converted["foreground_fraction"] > 0).any():
+        raise UserError(
+            "convert: every mask is empty after conversion; check ingest.mask_kind, "
+            "ingest.mask_values and convert.foreground_values in params.yaml"
+        )
+    return converted
 
 
 def convert_one(
@@ -71,11 +117,11 @@ def convert_one(
     return result
 
 
-def class_values_by_id(by_name: dict[str, list[int]] | None, classes: list[str]) -> dict | None:
+def _class_values_by_id(by_name: dict[str, list[int]] | None, classes: list[str]) -> dict | None:
     return None if by_name is None else {classes.index(name): values for name, values in by_name.items()}
 
 
-def absent_classes(converted: pd.DataFrame, classes: list[str]) -> list[str]:
+def _absent_classes(converted: pd.DataFrame, classes: list[str]) -> list[str]:
     """With K > 2 classes, the classes no converted mask contains (they cannot be learned)."""
     if len(classes) <= 2:
         return []

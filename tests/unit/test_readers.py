@@ -14,13 +14,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from segflow.config import IngestParams
+from segflow.config import ConvertParams, IngestParams
 from segflow.core.images import ImageReadError, pil_to_array, read_image, write_png
 from segflow.data.arrays import ArraysFileError, read_arrays
-from segflow.data.canonical import convert_one
+from segflow.data.canonical import convert_all, convert_one
 from segflow.data.cvat import CvatFileError, colour_table, parse_labelmap, read_cvat
 from segflow.data.folder import Pairing, inspect_pairs, manifest_frame, scan_pairs
 from segflow.data.sources import read_source
+from segflow.errors import UserError
 
 H, W = 16, 20
 CLASSES = ["background", "cell", "debris"]
@@ -468,3 +469,37 @@ def test_pillow_mode_i_images_keep_32_bit_ids():
     assert image.mode == "I"
     array = pil_to_array(image)
     assert array.dtype == np.int32 and np.array_equal(array, ids)
+
+
+def _ingested_pair(tmp_path, mask: np.ndarray):
+    """One image/mask pair as ingest lists it, and an empty output folder for convert."""
+    write_png(tmp_path / "images" / "a.png", picture(0))
+    write_png(tmp_path / "masks" / "a.png", mask)
+    rows = inspect_pairs(scan_pairs(tmp_path, "images", "masks"), tmp_path, "instance", None)
+    out = tmp_path / "converted"
+    (out / "masks").mkdir(parents=True)
+    return manifest_frame(rows), out
+
+
+def test_convert_all_writes_every_item_and_refuses_data_a_model_cannot_learn(tmp_path):
+    manifest, out = _ingested_pair(tmp_path, instances())
+    converted = convert_all(
+        manifest, tmp_path, tmp_path, out, "instance", ConvertParams(), ["background", "cell"]
+    )
+    assert list(converted["id"]) == list(manifest["id"]) and converted["objects"].tolist() == [2]
+    # A class of base.classes that no mask holds cannot be learned: the message names it.
+    with pytest.raises(UserError, match=r"no mask contains class\(es\) \['bright'\]"):
+        convert_all(
+            manifest, tmp_path, tmp_path, out, "instance", ConvertParams(), ["background", "cell", "bright"]
+        )
+    # Every mask empty after conversion (here: no raw value counts as foreground).
+    with pytest.raises(UserError, match="every mask is empty after conversion"):
+        convert_all(
+            manifest,
+            tmp_path,
+            tmp_path,
+            out,
+            "semantic",
+            ConvertParams(foreground_values=[7]),
+            ["background", "cell"],
+        )

@@ -137,7 +137,20 @@ def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdi
         k: getattr(prep, k)
         for k in ("threshold", "seed_threshold", "seed_prominence", "min_area", "tta", "diameter_choices")
     }
+    # Each fold's result as it lands: a run of an hour shows early where it is heading.
+    minutes = (time.perf_counter() - started) / 60
+    for scale in params.crossval.scales:
+        at_true_size = f"; at true diameters {_brief(known[scale])}" if scale in known else ""
+        log.info(
+            "fold %d held-out, scale %g: %s%s (%.1f min, %.1f of them training)",
+            fold, scale, _brief(scores[scale]), at_true_size, minutes, seconds / 60,
+        )  # fmt: skip
     return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept, known)
+
+
+def _brief(scores: dict) -> str:
+    """'ap50 0.858, ap 0.571, dice 0.931': the headline metrics a fold has."""
+    return ", ".join(f"{m} {scores[m]:.3f}" for m in ("ap50", "ap", "dice") if scores.get(m) is not None)
 
 
 def known_diameter_scores(

@@ -9,6 +9,7 @@ check and `segflow predict` with its size settings.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -58,6 +59,10 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
         # each image's true object size say what the estimate costs.
         assert 0 <= block["known_diameter"]["ap50"]["mean"] <= 1
     assert {row["tta"] for row in summary["chosen"]} <= {"none", "flips"}
+    for scale, key in ((1, "scale_1"), (0.5, "scale_0.5")):  # each fold's line as it lands
+        for row in summary[key]["per_fold"]:
+            line = re.search(rf"fold {row['fold']} held-out, scale {scale:g}: ap50 ([\d.]+)", out)
+            assert line and abs(float(line[1]) - row["ap50"]) <= 5e-4
     images = (repo_copy / "reports/crossval/images.csv").read_text().splitlines()
     assert len(images) == 1 + 16 * 2  # every image once per scale
     per_image = pd.read_csv(repo_copy / "reports/crossval/images.csv")

@@ -153,6 +153,7 @@ class Tuning:
     # model time per val image (sizes and tiles included), by TTA mode ("flips"; with several
     # diameter choices "flips_4sizes")
     seconds_per_image: dict[str, float]
+    computed_with: Preprocessing  # the preprocessing `logits` and `scales` were computed under
 
 
 def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: InferenceParams) -> Tuning:
@@ -167,7 +168,7 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
     base = segmenter.prep.with_postprocess(cfg.model_dump())  # params.inference as it is now
     if not cfg.tune:
         (logits, scales), seconds = _timed_logits(segmenter, base, val)
-        return Tuning(base, [], logits, scales, {base.tta: seconds})
+        return Tuning(base, [], logits, scales, {base.tta: seconds}, base)
     best, best_score, grid, timings = None, None, [], {}
     for mode, choices in _views_and_sizes(base, cfg):
         name = mode if choices == [1.0] else f"{mode}_{len(choices)}sizes"
@@ -180,9 +181,9 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
         score = (top[metric], -top.get("count_error", 0.0))
         log.info("%s: best val %s %.4f, %.0f ms per image", name, metric, top[metric], 1000 * timings[name])
         if best_score is None or score > best_score:
-            best_score, best = score, (prep, logits, scales)
+            best_score, best = score, (prep, logits, scales, views)
     segmenter.prep = best[0]
-    return Tuning(best[0], grid, best[1], best[2], timings)
+    return Tuning(best[0], grid, best[1], best[2], timings, best[3])
 
 
 def val_as_served(
@@ -193,10 +194,10 @@ def val_as_served(
     Where inference estimates object sizes, the estimate reads the model's own objects, so it
     depends on the post-processing too: tuning sized the val images once per TTA mode with
     params.inference's values (not again per grid point), while served images are sized with
-    the chosen ones. Val is then run once more, so its scores describe what is served (the
-    segmenter's prep is left as chosen); elsewhere the tuning's logits are exactly that.
+    the chosen ones. Where those differ, val is run once more, so its scores describe what is
+    served (the segmenter's prep is left as chosen); elsewhere the tuning's logits are exactly that.
     """
-    if not sizes_estimated(tuning.prep):
+    if not sizes_estimated(tuning.prep) or tuning.computed_with == tuning.prep:
         return tuning.logits, tuning.scales
     segmenter.prep = tuning.prep
     return segmenter.scaled_logits([s.image for s in val])

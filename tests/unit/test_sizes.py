@@ -384,3 +384,9 @@ def test_val_is_scored_as_served_where_sizes_follow_the_post_processing():
     logits, scales = val_as_served(native_tuning, native, val)
     assert logits is native_tuning.logits and scales is native_tuning.scales
     assert len(native_model.shapes) == calls  # no model pass
+    # Nor does a choice equal to params.inference's values: val was sized with them already.
+    same = InferenceParams(threshold=0.5, threshold_grid=[0.5], seed_threshold_grid=[0.5], min_area_grid=[0])
+    same_tuning = choose_postprocessing(segmenter, val, same)
+    calls = len(model.shapes)
+    logits, scales = val_as_served(same_tuning, segmenter, val)
+    assert logits is same_tuning.logits and len(model.shapes) == calls

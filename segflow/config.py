@@ -202,6 +202,7 @@ class TrainParams(_Section):
     encoder: str = "resnet18"
     encoder_weights: str | None = None
     decoder_channels: list[int] = [128, 64, 32, 16, 16]
+    members: int = Field(1, ge=1, le=8)  # a seed ensemble: networks averaged (segflow.train.ensemble)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(0.003, gt=0)

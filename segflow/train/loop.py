@@ -106,6 +106,8 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
     import torch
     from tqdm import tqdm
 
+    from segflow.train.ensemble import member_loss  # torch at import, like this function
+
     cfg = params.train
     world = distributed.current()  # rank 0 of 1 unless torchrun started this process
     torch.manual_seed(params.base.seed)
@@ -174,12 +176,13 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
             optimizer.zero_grad()
             with compute.autocast():
                 logits = model(compute.inputs(x))
-            loss = loss_fn(logits.float(), y)  # the loss in float32 whatever the forward pass ran in
+            # The loss in float32 whatever the forward pass ran in; an ensemble's members each their own.
+            loss, reported = member_loss(loss_fn, logits.float(), y)
             loss.backward()
             lr = optimizer.param_groups[0]["lr"]  # what this step uses (the scheduler moves it next)
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(reported)
         val_loss, val_dice = distributed.share_from_main(
             _validate(network, prep, val, loss_fn, cfg.interior_margin) if world.is_main else [None, None],
             world,

@@ -79,6 +79,8 @@ def model_spec(base: BaseParams, train: TrainParams, interior: bool = False) -> 
     }
     if train.architecture in {"Unet", "UnetPlusPlus", "MAnet"}:
         spec["decoder_channels"] = list(train.decoder_channels)
+    if train.members > 1:  # only when set: specs saved without it rebuild as one network
+        spec["members"] = train.members
     return spec
 
 
@@ -86,12 +88,25 @@ def build_model(spec: dict, encoder_weights: str | None = None) -> torch.nn.Modu
     """Build a network from a `model_spec` dict.
 
     Args:
-        spec: architecture, encoder, in_channels, classes and optional decoder_channels.
+        spec: architecture, encoder, in_channels, classes, optional decoder_channels and
+            members (a seed ensemble of that many networks, segflow.train.ensemble).
         encoder_weights: None for random init, or a local weights file for the encoder.
 
     Returns:
         The torch module, producing (N, classes, H, W) float32 logits.
     """
+    spec = dict(spec)
+    members = spec.pop("members", 1)
+    if members > 1:
+        from segflow.train.ensemble import Ensemble
+
+        # Built one after another from the one random stream: each member its own initial weights.
+        return Ensemble([_build_network(spec, encoder_weights) for _ in range(members)])
+    return _build_network(spec, encoder_weights)
+
+
+def _build_network(spec: dict, encoder_weights: str | None) -> torch.nn.Module:
+    """One smp network from a spec without `members`."""
     import segmentation_models_pytorch as smp
 
     spec = dict(spec)

@@ -275,13 +275,18 @@ class TrainParams(_Section):
 
 
 def _diameter_multipliers(choices: list[float]) -> list[float]:
-    """Sorted, distinct multipliers of an estimated diameter; the estimate itself (1.0) among them."""
-    if not all(0.25 <= m <= 4 for m in choices) or 1.0 not in choices:
+    """Sorted, distinct multipliers of an estimated diameter (1.0: the estimate itself)."""
+    if not choices or not all(0.25 <= m <= 4 for m in choices):
         raise ValueError(
-            f"need multipliers of the estimated diameter between 0.25 and 4 that include 1.0 "
-            f"(the estimate itself), e.g. [0.7, 0.85, 1.0, 1.2]; got {choices}"
+            f"need one or more multipliers of the estimated diameter between 0.25 and 4, e.g. [1.0] "
+            f"(the estimate), [0.85] or [0.7, 0.85, 1.0, 1.2]; got {choices}"
         )
     return sorted(set(choices))
+
+
+def extra_size_passes(choices: list[float]) -> int:
+    """Model passes diameter_choices adds to the estimate's own: one per multiple but 1.0."""
+    return len([m for m in choices if m != 1.0])
 
 
 class InferenceParams(_Section):
@@ -308,10 +313,12 @@ class InferenceParams(_Section):
     # Models trained with train.diameter: the objects' diameter in the images to segment, in
     # pixels, or auto (estimated per image by a first pass). Ignored at native scale.
     diameter: Literal["auto"] | float = "auto"
-    # With diameter auto: multipliers of each image's estimated diameter also tried; the one
-    # whose objects are most convex wins (segflow.core.sizes.solid_fraction). For convex
-    # objects (nuclei): a wrong size merges neighbours or cuts objects, both concave. [1.0]:
-    # the estimate as it is; each further multiplier costs one model pass.
+    # With diameter auto: multipliers of each image's estimated diameter it is segmented at.
+    # One: that size ([0.85]: as if objects were 0.85x the estimate; the estimate reads the
+    # model's outlines, which run a little wide). Several: the one whose objects are most
+    # convex wins (segflow.core.sizes.solid_fraction); for convex objects (nuclei) a wrong
+    # size merges neighbours or cuts objects, both concave. [1.0]: the estimate as it is;
+    # each multiplier but 1.0 costs one model pass.
     diameter_choices: list[float] = [1.0]
     # What tune tries on val (then diameter_choices is unused).
     diameter_choices_grid: list[list[float]] = [[1.0]]
@@ -360,7 +367,7 @@ class InferenceParams(_Section):
                 "need at least one list of multipliers, e.g. [[1.0]] or [[1.0], [0.7, 0.85, 1.0, 1.2]]"
             )
         unique = {tuple(_diameter_multipliers(choices)): None for choices in grid}
-        return sorted((list(c) for c in unique), key=len)
+        return sorted((list(c) for c in unique), key=extra_size_passes)
 
     @field_validator("diameter")
     @classmethod

@@ -114,7 +114,7 @@ class Segmenter:
         unknown = [i for i, d in enumerate(given) if not d]
         if unknown:
             self._rerun_at_estimated_sizes(inputs, logits, scales, unknown)
-            if len(prep.diameter_choices) > 1:
+            if prep.diameter_choices != [1.0]:
                 self._choose_sizes(inputs, logits, scales, unknown)
         return logits, [self._applied_scale(x.shape[1:], s) for x, s in zip(inputs, scales, strict=True)]
 
@@ -152,24 +152,31 @@ class Segmenter:
     def _choose_sizes(
         self, inputs: list[np.ndarray], logits: list[np.ndarray], scales: list[float], which: list[int]
     ) -> None:
-        """Segment images `which` again as if their estimated diameter were each multiple in
-        prep.diameter_choices, and keep the run whose objects are most solid (solid_fraction).
+        """Segment images `which` as if their estimated diameter were each multiple in
+        prep.diameter_choices; with more than one, keep the run whose objects are most solid
+        (solid_fraction).
 
         The estimate is read off the model's own objects, so its errors feed themselves: a
         first pass that merges neighbours reads them as large, shrinks the image and merges
-        more. A check from outside the estimate breaks that loop. One model pass per
-        multiple besides 1.0; ties keep the estimate. `logits` and `scales` are updated in
-        place."""
+        more, and outlines that run a little wide read every object a little large. A
+        multiple below 1.0 corrects the second; several, judged by a check from outside the
+        estimate, break the first. One model pass per multiple besides 1.0 (the estimate's
+        own run); ties keep the estimate (without 1.0, the smallest multiple). `logits` and
+        `scales` are updated in place."""
         prep = self.prep
         guess = scale_for(prep.data_diameter, prep.train_diameter)
+        choices = prep.diameter_choices
+        single = len(choices) == 1
 
         def solidity(i: int, logit: np.ndarray, scale: float) -> float:
+            if single:  # nothing to compare
+                return 0.0
             applied = self._applied_scale(inputs[i].shape[1:], scale)
             return solid_fraction(to_prediction(logit, prep, applied).instances)
 
         estimated = {i: scales[i] for i in which}
-        best = {i: solidity(i, logits[i], scales[i]) for i in which}
-        for multiple in prep.diameter_choices:
+        best = {i: solidity(i, logits[i], scales[i]) if 1.0 in choices else None for i in which}
+        for multiple in choices:
             if multiple == 1.0:
                 continue
             # A diameter `multiple` times larger means objects need `multiple` times less enlarging.
@@ -177,12 +184,10 @@ class Segmenter:
             rerun = self._scaled_logits([inputs[i] for i in which], tried)
             for i, logit, scale in zip(which, rerun, tried, strict=True):
                 score = solidity(i, logit, scale)
-                if score > best[i]:
+                if best[i] is None or score > best[i]:
                     best[i], logits[i], scales[i] = score, logit, scale
         for i in which:
-            log.debug(
-                "image %d: scale %.3f chosen, %.0f%% of object pixels solid", i, scales[i], 100 * best[i]
-            )
+            log.debug("image %d: scale %.3f chosen (estimate's %.3f)", i, scales[i], estimated[i])
 
     def _scaled_logits(self, inputs: list[np.ndarray], scales: list[float]) -> list[np.ndarray]:
         """Model logits of (C, H, W) inputs each rescaled by its factor, resized back to its size."""

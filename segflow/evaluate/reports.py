@@ -144,7 +144,11 @@ class EvaluationReport:
 def _sizes(prep: Preprocessing) -> str:
     """The diameter multiples tried per image, when more than the estimate itself."""
     choices = prep.diameter_choices
-    return "" if choices == [1.0] else ", diameters x" + "/".join(f"{m:g}" for m in choices) + " by solidity"
+    if choices == [1.0]:
+        return ""
+    if len(choices) == 1:
+        return f", diameters x{choices[0]:g}"
+    return ", diameters x" + "/".join(f"{m:g}" for m in choices) + " by solidity"
 
 
 def _prominence(prep: Preprocessing) -> str:

@@ -171,7 +171,7 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
         return Tuning(base, [], logits, scales, {base.tta: seconds}, base)
     best, best_score, grid, timings = None, None, [], {}
     for mode, choices in _views_and_sizes(base, cfg):
-        name = mode if choices == [1.0] else f"{mode}_{len(choices)}sizes"
+        name = mode if choices == [1.0] else f"{mode}_" + _sizes_name(choices)
         views = replace(base, tta=mode, diameter_choices=choices)
         (logits, scales), timings[name] = _timed_logits(segmenter, views, val)
         prep, table = tune_postprocessing(logits, val, views, cfg, scales)
@@ -214,6 +214,11 @@ def _views_and_sizes(prep: Preprocessing, cfg: InferenceParams) -> list[tuple[st
     choices act only where sizes are estimated (a size-normalised model, diameter auto)."""
     sizes = cfg.diameter_choices_grid if sizes_estimated(prep) else [[1.0]]
     return [(mode, choices) for mode in cfg.tta_grid for choices in sizes]
+
+
+def _sizes_name(choices: list[float]) -> str:
+    """How timings name a diameter_choices entry: x0.85 for one multiple, 3sizes for three."""
+    return f"x{choices[0]:g}" if len(choices) == 1 else f"{len(choices)}sizes"
 
 
 def _timed_logits(

@@ -257,8 +257,10 @@ def test_size_and_tta_settings_are_checked():
         "d4",
     ]
     assert "positive number" in error_of({"inference": {"diameter": -1}})
-    # Size choices are multiples of the estimate, which is always one of them.
-    assert "include 1.0" in error_of({"inference": {"diameter_choices": [0.7, 1.2]}})
+    # Size choices are multiples of the estimate; one alone, such as 0.85, is a fixed correction.
+    assert parse_params({"inference": {"diameter_choices": [0.85]}}).inference.diameter_choices == [0.85]
     assert "between 0.25 and 4" in error_of({"inference": {"diameter_choices": [0, 1.0]}})
-    grid = parse_params({"inference": {"diameter_choices_grid": [[1.2, 1.0, 0.7], [1.0], [1, 1.0]]}})
-    assert grid.inference.diameter_choices_grid == [[1.0], [0.7, 1.0, 1.2]]  # fewest passes first
+    assert "one or more multipliers" in error_of({"inference": {"diameter_choices": []}})
+    grid = parse_params({"inference": {"diameter_choices_grid": [[1.2, 1.0, 0.7], [0.85], [1.0], [1, 1.0]]}})
+    # Fewest extra model passes first (the estimate's own run is no extra pass), ties as written.
+    assert grid.inference.diameter_choices_grid == [[1.0], [0.85], [0.7, 1.0, 1.2]]

@@ -328,6 +328,19 @@ def test_diameter_choices_keep_the_estimate_on_ties_and_never_override_a_given_d
     assert model.shapes == [(64, 64)]  # a diameter the user gives is used as given
 
 
+def test_one_diameter_choice_segments_every_image_at_that_multiple_of_the_estimate():
+    image = (disks(128, 10, 32) > 0).astype(np.uint8) * 255  # 20 px disks: the trained size
+    model = DiskModel()
+    [prediction] = _segmenter(model, diameter="auto", diameter_choices=[0.8]).predict([image])
+    # The estimate (20 px, native scale), then one run as if objects were 16 px: enlarged 1.25x.
+    assert model.shapes == [(128, 128), (160, 160)]
+    assert prediction.instances.shape == image.shape
+    assert prediction.instances.max() == disks(128, 10, 32).max()
+    model.shapes.clear()
+    _segmenter(model, diameter="auto", diameter_choices=[0.8]).predict([image], diameters=[20.0])
+    assert model.shapes == [(128, 128)]  # a diameter the user gives is used as given
+
+
 def test_tuning_tries_each_set_of_diameter_choices_on_val_and_keeps_the_best():
     image, _ = merging_case()
     truth = pairs(256, 10, 6, 64)

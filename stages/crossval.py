@@ -5,11 +5,17 @@ the train stage trains, on folds that do not hold it. Writes reports/crossval/su
 (every fold, mean ± spread, pooled and subset scores, per crossval.scales factor), folds.csv
 and images.csv beside it, and a run in MLflow experiment segflow-crossval. The gate still
 reads the test split of the model train produced.
+
+Each fold's training keeps a resume state in artifacts/.resume/crossval/ (not a DVC output,
+like train's): an interrupted run continues where it stopped, and unlike train's state it is
+kept after the run, so a rerun that changes only what does not reach training (the
+inference grids, crossval.scales, crossval.subsets) retrains nothing.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pandas as pd
 
@@ -30,6 +36,7 @@ from segflow.release import tracking
 from segflow.runtime import set_threads
 
 OUT = REPORTS / "crossval"  # summary.json (metrics), folds.csv, images.csv
+RESUME = Path("artifacts/.resume/crossval")  # fold<i>.pt: each fold's resume state, kept
 
 
 def main() -> None:
@@ -45,13 +52,14 @@ def main() -> None:
     manifest = pd.concat([read_manifest(SPLIT / f"{name}.csv") for name in ("train", "val", "test")])
     samples, folds = dataset_folds(manifest, CONVERTED, cfg.folds, params.base.seed)
     started = time.perf_counter()
-    results = cross_validate(params, samples, folds)
+    results = cross_validate(params, samples, folds, RESUME)
     minutes = (time.perf_counter() - started) / 60
     summary = summarize_folds(results, cfg.scales, list(params.base.classes), cfg.subsets)
     _write(summary, results)
     print(describe(summary, cfg.scales))
-    print(f"crossval: {len(results)} models trained in {minutes:.1f} min "
-          f"({sum(r.train_seconds for r in results) / 60:.1f} min of training)")  # fmt: skip
+    print(f"crossval: {len(results)} folds in {minutes:.1f} min; their models' training took "
+          f"{sum(r.train_seconds for r in results) / 60:.1f} min (where a fold's model came from "
+          f"its resume state, in an earlier run; `rm -r {RESUME}` frees their disk space)")  # fmt: skip
     _log(params, summary, results, minutes)
 
 

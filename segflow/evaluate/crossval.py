@@ -101,8 +101,16 @@ class FoldResult:
     known: dict[float, dict] = field(default_factory=dict)
 
 
-def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdir: Path) -> FoldResult:
-    """Train on the fold's training folds, tune on its validation fold, score the held-out fold."""
+def run_fold(
+    params: Params, samples: dict[int, list[Sample]], fold: int, workdir: Path, resume_dir: Path | None = None
+) -> FoldResult:
+    """Train on the fold's training folds, tune on its validation fold, score the held-out fold.
+
+    With `resume_dir`, training keeps a resume state there (resume_dir/fold<i>.pt, see
+    segflow.train.resume): an interrupted run continues the fold where it stopped, and a
+    finished state whose fingerprint still matches (same base and train params, images,
+    fold and training code) gives its model back without training again.
+    """
     roles = fold_roles(fold, len(samples))
     train = [s for f in roles["train"] for s in samples[f]]
     val, held_out = samples[roles["val"][0]], samples[fold]
@@ -110,8 +118,10 @@ def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdi
         "fold %d: %d training, %d validation, %d held-out images", fold, len(train), len(val), len(held_out)
     )
     started = time.perf_counter()
-    history = train_model(params, train, val, workdir / f"fold{fold}.pt")
-    seconds = time.perf_counter() - started
+    resume = resume_dir / f"fold{fold}.pt" if resume_dir is not None else None
+    history = train_model(params, train, val, workdir / f"fold{fold}.pt", resume_path=resume)
+    # What training took, whenever it ran: a model restored from its resume state took it earlier.
+    seconds = sum(record["seconds"] for record in history)
     segmenter = checkpoint_segmenter(workdir / f"fold{fold}.pt")
     tuning = choose_postprocessing(segmenter, val, params.inference)
     classes = list(segmenter.prep.classes)
@@ -142,7 +152,7 @@ def run_fold(params: Params, samples: dict[int, list[Sample]], fold: int, workdi
     for scale in params.crossval.scales:
         at_true_size = f"; at true diameters {_brief(known[scale])}" if scale in known else ""
         log.info(
-            "fold %d held-out, scale %g: %s%s (%.1f min, %.1f of them training)",
+            "fold %d held-out, scale %g: %s%s (%.1f min now; its model's training took %.1f min)",
             fold, scale, _brief(scores[scale]), at_true_size, minutes, seconds / 60,
         )  # fmt: skip
     return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept, known)
@@ -209,13 +219,16 @@ def check_subsets(subsets: dict[str, list[str]], ids: list[str]) -> None:
             )
 
 
-def cross_validate(params: Params, samples: list[Sample], folds: pd.Series) -> list[FoldResult]:
-    """Run every fold (fold ids aligned with `samples`), training one model per fold."""
+def cross_validate(
+    params: Params, samples: list[Sample], folds: pd.Series, resume_dir: Path | None = None
+) -> list[FoldResult]:
+    """Run every fold (fold ids aligned with `samples`), training one model per fold (or
+    taking it from its resume state in `resume_dir`, see run_fold)."""
     check_subsets(params.crossval.subsets, [s.id for s in samples])
     k = params.crossval.folds
     by_fold = {f: [s for s, g in zip(samples, folds, strict=True) if g == f] for f in range(k)}
     with tempfile.TemporaryDirectory(prefix="segflow-crossval-") as tmp:
-        return [run_fold(params, by_fold, fold, Path(tmp)) for fold in range(k)]
+        return [run_fold(params, by_fold, fold, Path(tmp), resume_dir) for fold in range(k)]
 
 
 def summarize_folds(

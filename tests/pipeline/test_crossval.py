@@ -86,6 +86,18 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
     history = client.get_metric_history(cv_run.info.run_id, "fold_scale_1_ap50")
     assert [m.step for m in history] == [0, 1, 2]
 
+    # A change that never reaches training reruns the stage, which takes every fold's model
+    # from its kept resume state: no epoch trains, and the scores are the first run's.
+    _set(repo_copy, {"crossval.subsets": {"two": ["cells_0000", "cells_0001"], "one": ["cells_0002"]}})
+    again = run(["dvc", "repro", "crossval"], repo_copy)
+    log = again.stdout + again.stderr
+    assert "Running stage 'crossval'" in again.stdout
+    assert len(re.findall(r"resuming after the last epoch 1/1", log)) == 3
+    assert not re.search(r"epoch +1/1 +train_loss", log)  # nothing trained
+    rerun = json.loads((repo_copy / "reports/crossval/summary.json").read_text())
+    assert rerun["scale_1"]["per_fold"] == summary["scale_1"]["per_fold"]
+    assert rerun["scale_1"]["subset_one"]["images"] == 1
+
 
 def test_a_size_normalised_distance_model_exports_and_predicts(repo_copy: Path):
     _set(repo_copy, {"train.diameter": 12, "train.augment.scale": 0.2, "inference.instances": "distance",

@@ -424,6 +424,10 @@ class CrossvalParams(_Section):
     folds: int = Field(0, ge=0)
     scales: list[float] = [1.0]  # held-out images are also scored rescaled by these factors
     subsets: dict[str, list[str]] = {}  # named groups of image ids also scored on their own (e.g. thin cells)
+    # Repeated cross-validation: each seed deals the images into folds anew and seeds the fold
+    # models' training (as base.seed does); the summary spreads over every seed's folds.
+    # [] = base.seed alone. Folds differ more between partitions than most changes screened.
+    seeds: list[int] = []
 
     @field_validator("folds")
     @classmethod
@@ -440,6 +444,13 @@ class CrossvalParams(_Section):
         if not scales or min(scales) <= 0 or max(scales) > 4:
             raise ValueError(f"need one or more factors in (0, 4], e.g. [1.0, 0.6], got {scales}")
         return list(dict.fromkeys(scales))
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+            raise ValueError(f"need distinct seeds of 0 or more, e.g. [42, 7], got {seeds}")
+        return seeds
 
 
 class Int8Params(_Section):

@@ -2,7 +2,8 @@
 
 Every image (train, val and test alike) is held out once and scored by a model trained as
 the train stage trains, on folds that do not hold it. Writes reports/crossval/summary.json
-(every fold, mean ± spread, pooled and subset scores, per crossval.scales factor), folds.csv
+(every fold, mean ± spread, pooled and subset scores, per crossval.scales factor; with
+crossval.seeds, every partition's folds and each one's means), folds.csv
 and images.csv beside it, and a run in MLflow experiment segflow-crossval. The gate still
 reads the test split of the model train produced.
 
@@ -36,7 +37,7 @@ from segflow.release import tracking
 from segflow.runtime import set_threads
 
 OUT = REPORTS / "crossval"  # summary.json (metrics), folds.csv, images.csv
-RESUME = Path("artifacts/.resume/crossval")  # fold<i>.pt: each fold's resume state, kept
+RESUME = Path("artifacts/.resume/crossval")  # seed<s>/fold<i>.pt: each fold's resume state, kept
 
 
 def main() -> None:
@@ -46,18 +47,18 @@ def main() -> None:
     params = load_params()
     cfg = params.crossval
     # Imported here: training pulls in torch, which an off stage (every default run) need not load.
-    from segflow.evaluate.crossval import cross_validate, dataset_folds, describe, summarize_folds
+    from segflow.evaluate.crossval import cross_validate, dataset_groups, describe, summarize_folds
 
     set_threads(params.train.threads)
     manifest = pd.concat([read_manifest(SPLIT / f"{name}.csv") for name in ("train", "val", "test")])
-    samples, folds = dataset_folds(manifest, CONVERTED, cfg.folds, params.base.seed)
+    samples, groups = dataset_groups(manifest, CONVERTED)
     started = time.perf_counter()
-    results = cross_validate(params, samples, folds, RESUME)
+    results = cross_validate(params, samples, groups, RESUME)
     minutes = (time.perf_counter() - started) / 60
     summary = summarize_folds(results, cfg.scales, list(params.base.classes), cfg.subsets)
     _write(summary, results)
     print(describe(summary, cfg.scales))
-    print(f"crossval: {len(results)} folds in {minutes:.1f} min; their models' training took "
+    print(f"crossval: {len(results)} fold models in {minutes:.1f} min; their training took "
           f"{sum(r.train_seconds for r in results) / 60:.1f} min (where a fold's model came from "
           f"its resume state, in an earlier run; `rm -r {RESUME}` frees their disk space)")  # fmt: skip
     _log(params, summary, results, minutes)

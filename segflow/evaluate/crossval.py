@@ -7,6 +7,10 @@ together); fold i is scored by a model trained, exactly as the train stage train
 other fold except fold i + 1, which plays the validation split (best epoch, post-processing
 and TTA chosen on it). The report gives every fold's scores and their mean and spread; for
 models that estimate object sizes, also the same folds segmented at each image's true size.
+
+Folds of a few images each differ more between partitions than most changes move the mean,
+so `crossval.seeds` repeats the whole cross-validation with other partitions (each seed
+deals the folds and seeds training, as base.seed does) and spreads over all their folds.
 """
 
 from __future__ import annotations
@@ -60,12 +64,20 @@ def assign_folds(groups: pd.Series, folds: int, seed: int) -> pd.Series:
     return groups.astype(str).map(fold_of).rename("fold")
 
 
-def dataset_folds(
-    manifest: pd.DataFrame, root: Path, folds: int, seed: int
-) -> tuple[list[Sample], pd.Series]:
-    """Every image of the split manifests (sorted by id) as samples, with its fold."""
+def dataset_groups(manifest: pd.DataFrame, root: Path) -> tuple[list[Sample], pd.Series]:
+    """Every image of the split manifests (sorted by id) as samples, with its group."""
     manifest = manifest.sort_values("id").reset_index(drop=True)
-    return load_samples(manifest, root), assign_folds(manifest["group"], folds, seed)
+    return load_samples(manifest, root), manifest["group"]
+
+
+def partition_seeds(params: Params) -> list[int]:
+    """The seeds of the repeated cross-validation: crossval.seeds, or base.seed alone."""
+    return list(params.crossval.seeds) or [params.base.seed]
+
+
+def with_seed(params: Params, seed: int) -> Params:
+    """The params with base.seed replaced: what deals one partition and seeds its training."""
+    return params.model_copy(update={"base": params.base.model_copy(update={"seed": seed})})
 
 
 def fold_roles(fold: int, folds: int) -> dict[str, list[int]]:
@@ -99,6 +111,7 @@ class FoldResult:
     # scale -> summary of the held-out images segmented at their true object diameter, for
     # models that estimate sizes (known_diameter_scores); empty for the others
     known: dict[float, dict] = field(default_factory=dict)
+    seed: int = 0  # the partition's seed (crossval.seeds, or base.seed)
 
 
 def run_fold(
@@ -109,14 +122,17 @@ def run_fold(
     With `resume_dir`, training keeps a resume state there (resume_dir/fold<i>.pt, see
     segflow.train.resume): an interrupted run continues the fold where it stopped, and a
     finished state whose fingerprint still matches (same base and train params, images,
-    fold and training code) gives its model back without training again.
+    fold and training code) gives its model back without training again. params.base.seed
+    is the partition's seed (with_seed): it seeds training and names the fold in the log.
     """
     roles = fold_roles(fold, len(samples))
     train = [s for f in roles["train"] for s in samples[f]]
     val, held_out = samples[roles["val"][0]], samples[fold]
+    seed = params.base.seed
     log.info(
-        "fold %d: %d training, %d validation, %d held-out images", fold, len(train), len(val), len(held_out)
-    )
+        "fold %d (seed %d): %d training, %d validation, %d held-out images",
+        fold, seed, len(train), len(val), len(held_out),
+    )  # fmt: skip
     started = time.perf_counter()
     resume = resume_dir / f"fold{fold}.pt" if resume_dir is not None else None
     history = train_model(params, train, val, workdir / f"fold{fold}.pt", resume_path=resume)
@@ -131,7 +147,7 @@ def run_fold(
         result, applied = _segment_and_score(segmenter, images, classes)
         scores[scale], kept[scale] = result.summary, (images, result.predictions)
         fold_rows = [
-            {"fold": fold, "scale": scale}
+            {"seed": seed, "fold": fold, "scale": scale}
             | {k: v for k, v in r.items() if k != "split"}
             | _diameters(s, a, segmenter.prep.train_diameter)
             for r, s, a in zip(result.rows, images, applied, strict=True)
@@ -152,10 +168,10 @@ def run_fold(
     for scale in params.crossval.scales:
         at_true_size = f"; at true diameters {_brief(known[scale])}" if scale in known else ""
         log.info(
-            "fold %d held-out, scale %g: %s%s (%.1f min now; its model's training took %.1f min)",
-            fold, scale, _brief(scores[scale]), at_true_size, minutes, seconds / 60,
+            "fold %d held-out, scale %g: %s%s (seed %d; %.1f min now; its model's training took %.1f min)",
+            fold, scale, _brief(scores[scale]), at_true_size, seed, minutes, seconds / 60,
         )  # fmt: skip
-    return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept, known)
+    return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept, known, seed)
 
 
 def _brief(scores: dict) -> str:
@@ -220,15 +236,24 @@ def check_subsets(subsets: dict[str, list[str]], ids: list[str]) -> None:
 
 
 def cross_validate(
-    params: Params, samples: list[Sample], folds: pd.Series, resume_dir: Path | None = None
+    params: Params, samples: list[Sample], groups: pd.Series, resume_dir: Path | None = None
 ) -> list[FoldResult]:
-    """Run every fold (fold ids aligned with `samples`), training one model per fold (or
-    taking it from its resume state in `resume_dir`, see run_fold)."""
+    """Run every fold of every partition seed (partition_seeds; `groups` aligned with
+    `samples`), training one model per fold (or taking it from its resume state in
+    resume_dir/seed<seed>/, see run_fold)."""
     check_subsets(params.crossval.subsets, [s.id for s in samples])
-    k = params.crossval.folds
-    by_fold = {f: [s for s, g in zip(samples, folds, strict=True) if g == f] for f in range(k)}
+    k, results = params.crossval.folds, []
     with tempfile.TemporaryDirectory(prefix="segflow-crossval-") as tmp:
-        return [run_fold(params, by_fold, fold, Path(tmp), resume_dir) for fold in range(k)]
+        for seed in partition_seeds(params):
+            folds = assign_folds(groups, k, seed)
+            by_fold = {f: [s for s, g in zip(samples, folds, strict=True) if g == f] for f in range(k)}
+            states = resume_dir / f"seed{seed}" if resume_dir is not None else None
+            workdir = Path(tmp) / f"seed{seed}"
+            workdir.mkdir()
+            results += [
+                run_fold(with_seed(params, seed), by_fold, fold, workdir, states) for fold in range(k)
+            ]
+    return results
 
 
 def summarize_folds(
@@ -242,13 +267,29 @@ def summarize_folds(
     set of unseen images) and one entry per named subset of images (`subsets`, e.g. the
     thin-cell images), scored the same way. Where every fold has scores at the images' true
     object sizes (FoldResult.known), each scale gets "known_diameter", spread like its own.
+
+    Results of several partition seeds (crossval.seeds) are spread over all their folds
+    together; "per_seed" then gives each seed's means, and "pooled" scores each image once
+    per seed. "folds" and "images" count one partition.
     """
-    out: dict = {"folds": len(results), "images": sum(int(r.scores[scales[0]]["images"]) for r in results)}
+    seeds = list(dict.fromkeys(r.seed for r in results))
+    first = [r for r in results if r.seed == seeds[0]]
+    out: dict = {
+        "folds": len(first),
+        "seeds": seeds,
+        "images": sum(int(r.scores[scales[0]]["images"]) for r in first),
+    }
     for scale in scales:
         per_fold = [r.scores[scale] for r in results]
         metrics = [m for m in FOLD_METRICS if all(m in s for s in per_fold)]
         block = _spread(per_fold, metrics)
         block["per_fold"] = [_fold_row(r, scale, metrics) for r in results]
+        if len(seeds) > 1:  # each partition's means: how far one cross-validation can be off
+            block["per_seed"] = [
+                {"seed": seed} | {m: v["mean"] for m, v in _spread(
+                    [r.scores[scale] for r in results if r.seed == seed], metrics).items()}
+                for seed in seeds
+            ]  # fmt: skip
         if all(scale in r.known for r in results):
             # The same folds segmented at each image's true object size (known_diameter_scores).
             block["known_diameter"] = _spread([r.known[scale] for r in results], metrics)
@@ -262,7 +303,7 @@ def summarize_folds(
             for name, ids in (subsets or {}).items():
                 block[f"subset_{name}"] = _pooled(results, scale, classes, metrics, set(ids))
         out[f"scale_{scale:g}"] = block
-    out["chosen"] = [{"fold": r.fold, "epochs": r.epochs} | r.chosen for r in results]
+    out["chosen"] = [{"seed": r.seed, "fold": r.fold, "epochs": r.epochs} | r.chosen for r in results]
     return out
 
 
@@ -298,7 +339,7 @@ def _pooled(
 
 def _fold_row(result: FoldResult, scale: float, metrics: list[str]) -> dict:
     scores = result.scores[scale]
-    return {"fold": result.fold, "images": int(scores["images"])} | {
+    return {"seed": result.seed, "fold": result.fold, "images": int(scores["images"])} | {
         m: round(float(scores[m]), 6) for m in metrics
     }
 
@@ -321,15 +362,25 @@ def _mean_sd(block: dict) -> str:
 
 def describe(summary: dict, scales: list[float]) -> str:
     """The cross-validated scores, mean ± standard deviation over folds: a line per scale, then
-    the same at known object sizes, pooled and per subset."""
-    lines = [f"crossval: {summary['folds']} folds, {summary['images']} images, each scored once unseen"]
+    each partition seed's means (several seeds), the same at known object sizes, pooled and
+    per subset."""
+    seeds = summary.get("seeds", [])
+    if len(seeds) > 1:
+        repeated = f"{len(seeds)} partitions (seeds {', '.join(map(str, seeds))}) of {summary['folds']} folds"
+        lines = [f"crossval: {repeated}, {summary['images']} images, each scored once unseen per partition"]
+    else:
+        lines = [f"crossval: {summary['folds']} folds, {summary['images']} images, each scored once unseen"]
     for scale in scales:
         block = summary[f"scale_{scale:g}"]
         lines.append(f"  scale {scale:g}, mean ± sd over folds: " + _mean_sd(block))
+        for row in block.get("per_seed", []):
+            cells = [f"{m} {row[m]:.3f}" for m in FOLD_METRICS if m in row]
+            lines.append(f"    seed {row['seed']}'s folds: " + ", ".join(cells))
         if "known_diameter" in block:
             lines.append("    at each image's true object diameter: " + _mean_sd(block["known_diameter"]))
         for key in (k for k in block if k == "pooled" or k.startswith("subset_")):
             pooled = block[key]
             cells = [f"{m} {pooled[m]:.3f}" for m in FOLD_METRICS if m in pooled]
-            lines.append(f"    {key} ({pooled['images']} images): " + ", ".join(cells))
+            scored = f"{pooled['images']} images" + (", each once per partition" if len(seeds) > 1 else "")
+            lines.append(f"    {key} ({scored}): " + ", ".join(cells))
     return "\n".join(lines)

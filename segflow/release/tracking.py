@@ -129,7 +129,8 @@ def _git(root: Path, *args: str) -> str:
 
 def log_crossval(summary: dict, minutes: float, train_minutes: float, folder: Path) -> None:
     """On the active crossval run: mean and spread per metric and scale, each fold's scores
-    as steps (step = fold), pooled and subset scores, the scores at known object sizes, the
+    as steps (step = fold, continued by each further partition seed's folds), each seed's
+    means, pooled and subset scores, the scores at known object sizes, the
     timings and the report folder."""
     import mlflow
 
@@ -137,7 +138,12 @@ def log_crossval(summary: dict, minutes: float, train_minutes: float, folder: Pa
         if not key.startswith("scale_"):
             continue
         for metric, stats in block.items():
-            if metric == "pooled" or metric.startswith("subset_"):
+            if metric == "per_seed":  # each partition's means (crossval.seeds)
+                for row in stats:
+                    mlflow.log_metrics(
+                        {f"cv_{key}_seed{row['seed']}_{m}": v for m, v in row.items() if m != "seed"}
+                    )
+            elif metric == "pooled" or metric.startswith("subset_"):
                 mlflow.log_metrics({f"cv_{key}_{metric}_{m}": v for m, v in stats.items() if m != "images"})
             elif metric == "known_diameter":  # the folds at each image's true object size
                 mlflow.log_metrics(
@@ -147,9 +153,9 @@ def log_crossval(summary: dict, minutes: float, train_minutes: float, folder: Pa
                 mlflow.log_metrics(
                     {f"cv_{key}_{metric}_mean": stats["mean"], f"cv_{key}_{metric}_std": stats["std"]}
                 )
-        for row in block["per_fold"]:
-            scores = {f"fold_{key}_{m}": v for m, v in row.items() if m not in ("fold", "images")}
-            mlflow.log_metrics(scores, step=row["fold"])
+        for step, row in enumerate(block["per_fold"]):  # step = fold, then the next seed's folds
+            scores = {f"fold_{key}_{m}": v for m, v in row.items() if m not in ("seed", "fold", "images")}
+            mlflow.log_metrics(scores, step=step)
     mlflow.log_metrics({"cv_minutes": minutes, "cv_train_minutes": train_minutes})
     mlflow.log_artifacts(str(folder), "crossval")
 

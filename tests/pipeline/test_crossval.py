@@ -98,6 +98,28 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
     assert rerun["scale_1"]["per_fold"] == summary["scale_1"]["per_fold"]
     assert rerun["scale_1"]["subset_one"]["images"] == 1
 
+    # Repeated cross-validation: a second partition seed beside base.seed. The first
+    # partition's folds come from their states again; only the new partition's models train.
+    seed = yaml.safe_load((repo_copy / "params.yaml").read_text())["base"]["seed"]
+    _set(repo_copy, {"crossval.seeds": [seed, seed + 1]})
+    repeated = run(["dvc", "repro", "crossval"], repo_copy)
+    log = repeated.stdout + repeated.stderr
+    assert len(re.findall(r"resuming after the last epoch 1/1", log)) == 3
+    assert len(re.findall(r"epoch +1/1 +train_loss", log)) == 3
+    both = json.loads((repo_copy / "reports/crossval/summary.json").read_text())
+    block = both["scale_1"]
+    assert both["seeds"] == [seed, seed + 1] and both["folds"] == 3 and both["images"] == 16
+    assert [row for row in block["per_fold"] if row["seed"] == seed] == summary["scale_1"]["per_fold"]
+    assert [row["seed"] for row in block["per_seed"]] == [seed, seed + 1]
+    assert block["per_seed"][0]["ap50"] == pytest.approx(summary["scale_1"]["ap50"]["mean"], abs=1e-6)
+    assert block["pooled"]["images"] == 32  # every image once per partition
+    assert f"seed {seed + 1}'s folds: ap50" in repeated.stdout
+    per_image = pd.read_csv(repo_copy / "reports/crossval/images.csv")
+    assert per_image.groupby(["seed", "scale"])["image"].nunique().eq(16).all()  # each held out once per seed
+    # The second partition deals other folds (the tiny copy has enough groups to differ).
+    folds = per_image[per_image["scale"] == 1].pivot_table(index="image", columns="seed", values="fold")
+    assert not folds[seed].equals(folds[seed + 1])
+
 
 def test_a_size_normalised_distance_model_exports_and_predicts(repo_copy: Path):
     _set(repo_copy, {"train.diameter": 12, "train.augment.scale": 0.2, "inference.instances": "distance",

@@ -21,8 +21,10 @@ from segflow.evaluate.crossval import (
     fold_roles,
     fold_table,
     known_diameter_scores,
+    partition_seeds,
     rescaled,
     summarize_folds,
+    with_seed,
 )
 from segflow.evaluate.scoring import score_split
 from tests.unit.test_sizes import DiskModel, _segmenter, pairs
@@ -62,12 +64,13 @@ def test_rescaled_samples_shrink_images_and_ids_together():
     assert rescaled([sample], 1.0)[0] is sample
 
 
-def _result(fold: int, ap50: float) -> FoldResult:
+def _result(fold: int, ap50: float, seed: int = 42) -> FoldResult:
     scores = {
         1.0: {"images": 2, "ap50": ap50, "dice": 0.8},
         0.6: {"images": 2, "ap50": ap50 - 0.1, "dice": 0.7},
     }
-    return FoldResult(fold, scores, [], {"threshold": 0.5, "tta": "none"}, epochs=3, train_seconds=1.0)
+    chosen = {"threshold": 0.5, "tta": "none"}
+    return FoldResult(fold, scores, [], chosen, epochs=3, train_seconds=1.0, seed=seed)
 
 
 def test_summary_gives_mean_spread_and_every_fold_per_scale():
@@ -80,6 +83,40 @@ def test_summary_gives_mean_spread_and_every_fold_per_scale():
     assert [row["fold"] for row in block["per_fold"]] == [0, 1, 2]
     assert len(fold_table(summary)) == 6 and {r["scale"] for r in fold_table(summary)} == {1.0, 0.6}
     assert "ap50 0.900 ± 0.100" in describe(summary, [1.0, 0.6])
+    assert summary["seeds"] == [42] and "per_seed" not in block  # one partition: nothing to compare
+
+
+def test_repeated_partitions_spread_over_every_fold_and_give_each_seeds_means():
+    results = [_result(f, ap50, 42) for f, ap50 in enumerate((0.8, 0.9, 1.0))]
+    results += [_result(f, ap50, 7) for f, ap50 in enumerate((0.6, 0.7, 0.8))]
+    summary = summarize_folds(results, [1.0])
+    assert summary["folds"] == 3 and summary["images"] == 6 and summary["seeds"] == [42, 7]  # one partition's
+    block = summary["scale_1"]
+    assert block["ap50"]["mean"] == pytest.approx(0.8) and (block["ap50"]["min"], block["ap50"]["max"]) == (
+        0.6,
+        1.0,
+    )
+    assert block["ap50"]["std"] == pytest.approx(np.std([0.8, 0.9, 1.0, 0.6, 0.7, 0.8], ddof=1), abs=1e-6)
+    assert [(r["seed"], r["ap50"]) for r in block["per_seed"]] == [
+        (42, pytest.approx(0.9)),
+        (7, pytest.approx(0.7)),
+    ]
+    assert [(r["seed"], r["fold"]) for r in block["per_fold"]] == [(s, f) for s in (42, 7) for f in range(3)]
+    assert [(r["seed"], r["fold"]) for r in summary["chosen"]][3] == (7, 0)
+    text = describe(summary, [1.0])
+    assert "2 partitions (seeds 42, 7) of 3 folds, 6 images" in text and "ap50 0.800 ± 0.141" in text
+    assert "seed 42's folds: ap50 0.900, dice 0.800" in text and "seed 7's folds: ap50 0.700" in text
+    assert len(fold_table(summary)) == 6
+
+
+def test_a_partition_seed_replaces_base_seed_and_deals_other_folds():
+    params = parse_params({"crossval": {"folds": 3, "seeds": [42, 7]}})
+    assert partition_seeds(params) == [42, 7] and partition_seeds(parse_params({})) == [42]
+    seeded = with_seed(params, 7)
+    assert seeded.base.seed == 7 and params.base.seed == 42 and seeded.train == params.train
+    assert seeded.digest() != params.digest()  # the fold's resume fingerprint follows the seed
+    groups = pd.Series(list("abcdefghijkl"))
+    assert not assign_folds(groups, 3, 42).equals(assign_folds(groups, 3, 7))
 
 
 @pytest.mark.parametrize(("value", "words"), [(2, "at least 3 folds"), (1, "at least 3 folds")])
@@ -88,6 +125,8 @@ def test_crossval_params_are_checked(value, words):
         parse_params({"crossval": {"folds": value}})
     with pytest.raises(ParamsError, match=r"\(0, 4\]"):
         parse_params({"crossval": {"folds": 3, "scales": [0]}})
+    with pytest.raises(ParamsError, match=r"crossval\.seeds.*distinct seeds of 0 or more, e\.g\. \[42, 7\]"):
+        parse_params({"crossval": {"folds": 3, "seeds": [7, 7]}})
 
 
 def test_size_normalisation_needs_instance_ids():

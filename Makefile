@@ -52,8 +52,9 @@ run: data ## run the pipeline: dvc repro (cached; only what changed re-runs)
 # the machine's own drift does not explain. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
+# --durations: the slowest tests are listed, as make test must stay under 12 minutes on 2 cores.
 test: setup ## run the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 test-fast: setup ## run the tests not marked slow (CI's fast job)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"

@@ -16,6 +16,7 @@ deals the folds and seeds training, as base.seed does) and spreads over all thei
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 # The scores summarised per fold (those a set lacks, e.g. AP without instance ids, are left out).
 FOLD_METRICS = ("ap50", "ap", "ap75", "dice", "iou", "count_error")
+WORKDIR_PREFIX = "segflow-crossval-"  # the fold models' temporary directory (_fold_models_dir)
 
 
 def assign_folds(groups: pd.Series, folds: int, seed: int) -> pd.Series:
@@ -243,7 +245,7 @@ def cross_validate(
     resume_dir/seed<seed>/, see run_fold)."""
     check_subsets(params.crossval.subsets, [s.id for s in samples])
     k, results = params.crossval.folds, []
-    with tempfile.TemporaryDirectory(prefix="segflow-crossval-") as tmp:
+    with _fold_models_dir(resume_dir) as tmp:
         for seed in partition_seeds(params):
             folds = assign_folds(groups, k, seed)
             by_fold = {f: [s for s, g in zip(samples, folds, strict=True) if g == f] for f in range(k)}
@@ -254,6 +256,22 @@ def cross_validate(
                 run_fold(with_seed(params, seed), by_fold, fold, workdir, states) for fold in range(k)
             ]
     return results
+
+
+def _fold_models_dir(resume_dir: Path | None) -> tempfile.TemporaryDirectory:
+    """A temporary directory for the fold models' checkpoints (hundreds of MB each).
+
+    With resume_dir it lies inside it: a run killed before it could clean up (SIGKILL, a
+    machine restart) leaves its checkpoints where the closing line's `rm -r` frees them, not
+    in /tmp, and the next run removes what such a run left.
+    """
+    if resume_dir is None:
+        return tempfile.TemporaryDirectory(prefix=WORKDIR_PREFIX)
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(resume_dir.glob(f"{WORKDIR_PREFIX}*")):
+        log.info("removing %s, fold models a killed cross-validation left", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=WORKDIR_PREFIX, dir=resume_dir)
 
 
 def summarize_folds(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -14,7 +16,9 @@ from segflow.core.sizes import median_diameter
 from segflow.data.samples import Sample
 from segflow.errors import UserError
 from segflow.evaluate.crossval import (
+    WORKDIR_PREFIX,
     FoldResult,
+    _fold_models_dir,
     assign_folds,
     check_subsets,
     describe,
@@ -216,3 +220,19 @@ def test_known_diameter_scores_say_what_the_size_estimate_costs():
     assert known_diameter_scores(_segmenter(DiskModel(), train_diameter=0.0), [sample], classes) is None
     semantic = Sample("pairs", sample.image, sample.mask, None)  # no instance ids: no true size
     assert known_diameter_scores(segmenter, [semantic], classes) is None
+
+
+def test_fold_models_live_in_the_resume_dir_and_a_killed_runs_are_removed(tmp_path):
+    resume = tmp_path / ".resume" / "crossval"
+    stale = resume / f"{WORKDIR_PREFIX}killed"  # what a SIGKILLed run leaves behind
+    (stale / "seed42").mkdir(parents=True)
+    (stale / "seed42" / "fold0.pt").write_bytes(b"a model")
+    kept = resume / "seed42"  # resume states are not the fold models' directory
+    kept.mkdir()
+    (kept / "fold0.pt").write_bytes(b"a state")
+    with _fold_models_dir(resume) as tmp:
+        assert Path(tmp).parent == resume and Path(tmp).name.startswith(WORKDIR_PREFIX)
+        assert not stale.exists()
+    assert not Path(tmp).exists() and (kept / "fold0.pt").read_bytes() == b"a state"
+    with _fold_models_dir(None) as tmp:  # no resume dir: the system's temporary directory
+        assert resume not in Path(tmp).parents

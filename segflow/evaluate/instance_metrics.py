@@ -84,8 +84,10 @@ def image_instance_scores(
         scores: {prediction id: confidence}; None gives every object 1.0 (see instance_summary).
 
     Returns:
-        objects_true, objects_pred, count_error (|n_pred - n_true| / max(n_true, 1)) and ap50
-        (1.0 for an image without truth objects only if nothing was predicted, else 0.0).
+        objects_true, objects_pred, count_error (|n_pred - n_true| / max(n_true, 1)), ap50
+        (1.0 for an image without truth objects only if nothing was predicted, else 0.0) and
+        the unmatched objects by kind (object_errors: merged, missed, outlined, fragments,
+        unannotated).
     """
     images = [_checked_image(0, truth, prediction)]
     gt_anns = _rle_annotations(truth, 0)
@@ -99,7 +101,66 @@ def image_instance_scores(
         "objects_pred": len(dt_anns),
         "count_error": _count_error(len(gt_anns), len(dt_anns)),
         "ap50": ap50,
-    }
+    } | object_errors(truth, prediction)
+
+
+# An annotated object less than this share covered by predicted objects was missed.
+MISSED_COVER = 0.2
+
+
+def object_errors(truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
+    """What went wrong with the objects that do not match at IoU 0.5, counted per kind.
+
+    AP says how many objects were lost, not why; a user choosing between more training
+    data, another instance method or other thresholds needs to know whether the model merges
+    touching objects, cuts them up, or misses them. Of the annotated objects without a
+    prediction of IoU >= 0.5:
+      merged: its main prediction also covers at least half of another annotated object;
+      missed: predictions cover under MISSED_COVER of it;
+      outlined: the rest (found, but outlined too small or large, or cut in pieces).
+    Of the predicted objects without an annotated one of IoU >= 0.5:
+      fragments: at least half of it lies inside one annotated object (a piece of a cut one);
+      unannotated: under half of it lies on annotated objects (a false detection, or an
+      object the annotators left out).
+    One spanning several annotated objects is neither: they count it, as merged.
+    """
+    t, p = truth.astype(np.int64).ravel(), prediction.astype(np.int64).ravel()
+    n_t, n_p = int(t.max(initial=0)) + 1, int(p.max(initial=0)) + 1
+    if n_t * n_p > 2**24:  # sparse ids (a few objects numbered up to 65,535): renumber 1..n first
+        (t, n_t), (p, n_p) = _renumbered(t), _renumbered(p)
+    overlap = np.bincount(t * n_p + p, minlength=n_t * n_p).reshape(n_t, n_p)  # pixels per id pair
+    area_t, area_p = overlap.sum(1), overlap.sum(0)
+    inside = overlap[1:, 1:]  # object pairs, background left out
+    iou = inside / np.maximum(area_t[1:, None] + area_p[None, 1:] - inside, 1)
+    true_ids = np.flatnonzero(area_t[1:])  # ids that occur (0-based into inside)
+    pred_ids = np.flatnonzero(area_p[1:])
+    errors = dict.fromkeys(("merged", "missed", "outlined", "fragments", "unannotated"), 0)
+    for i in true_ids:
+        if iou[i].max(initial=0) >= 0.5:
+            continue
+        if inside[i].sum() < MISSED_COVER * area_t[i + 1]:
+            errors["missed"] += 1
+            continue
+        main = int(np.argmax(inside[i]))
+        others = (inside[:, main] >= 0.5 * area_t[1:]) & (np.arange(len(inside)) != i) & (area_t[1:] > 0)
+        errors["merged" if others.any() and inside[i, main] >= 0.5 * area_t[i + 1] else "outlined"] += 1
+    for j in pred_ids:
+        if iou[:, j].max(initial=0) >= 0.5:
+            continue
+        if inside[:, j].max(initial=0) >= 0.5 * area_p[j + 1]:
+            errors["fragments"] += 1
+        elif inside[:, j].sum() < 0.5 * area_p[j + 1]:
+            errors["unannotated"] += 1
+        # else it spans several annotated objects: those count it, as merged
+    return errors
+
+
+def _renumbered(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Flat ids -> the same objects numbered 1..n (0 stays background), and n + 1."""
+    ids, compact = np.unique(labels, return_inverse=True)
+    if ids[0] != 0:
+        compact = compact + 1
+    return compact.astype(np.int64), int(compact.max(initial=0)) + 1
 
 
 def _ap_keys(by_iou: np.ndarray) -> dict:

@@ -19,6 +19,7 @@ from segflow.evaluate.instance_metrics import (
     _instance_rles,
     image_instance_scores,
     instance_summary,
+    object_errors,
 )
 
 # Only rounding is allowed: AP is a mean of 101 floats and pycocotools divides by tp + fp + eps.
@@ -287,6 +288,8 @@ def test_image_instance_scores():
         "objects_pred": 3,
         "count_error": 0.25,
         "ap50": pytest.approx(76 / 101, **EXACT),
+        **NO_ERRORS,
+        "missed": 1,
     }
     assert row["ap50"] == pytest.approx(instance_summary([truth], [prediction])["ap50"], **EXACT)
     empty = np.zeros_like(truth)
@@ -296,6 +299,8 @@ def test_image_instance_scores():
         "objects_pred": 4,
         "count_error": 4.0,
         "ap50": 0.0,
+        **NO_ERRORS,
+        "unannotated": 4,
     }
 
 
@@ -331,3 +336,26 @@ def test_rles_are_byte_identical_to_pycocotools_encode(dtype):
     for instance_id, rle, area in zip(ids, rles, areas, strict=True):
         assert rle == coco_mask.encode(np.asfortranarray(image == instance_id, dtype=np.uint8))
         assert area == (image == instance_id).sum()
+
+
+NO_ERRORS = {"merged": 0, "missed": 0, "outlined": 0, "fragments": 0, "unannotated": 0}
+
+
+def test_object_errors_say_why_objects_do_not_match():
+    truth = np.zeros((40, 80), np.uint16)
+    prediction = np.zeros_like(truth)
+    truth[2:10, 2:10], truth[2:10, 10:18] = 1, 2  # two touching objects...
+    prediction[2:10, 2:19] = 1  # ...segmented as one (IoU 64/136 with each)
+    truth[20:32, 2:14] = 3  # one object cut in three pieces
+    prediction[20:24, 2:14], prediction[24:28, 2:14], prediction[28:32, 2:14] = 2, 3, 4
+    truth[2:10, 30:38] = 4  # not found at all
+    prediction[20:28, 30:38] = 5  # found where nothing is annotated
+    truth[20:30, 50:60] = prediction[20:30, 50:60] = 6  # a match
+    assert object_errors(truth, prediction) == {
+        "merged": 2, "missed": 1, "outlined": 1, "fragments": 3, "unannotated": 1,
+    }  # fmt: skip
+    assert object_errors(truth, truth) == NO_ERRORS
+    # Sparse ids count the same as compact ones (and do not need a 65,535-squared table).
+    sparse_truth = np.where(truth == 6, 65000, truth).astype(np.uint16)
+    sparse_prediction = np.where(prediction > 0, prediction + 60000, 0).astype(np.uint16)
+    assert object_errors(sparse_truth, sparse_prediction) == object_errors(truth, prediction)

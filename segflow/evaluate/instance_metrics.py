@@ -115,7 +115,8 @@ def object_errors(truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
     data, another instance method or other thresholds needs to know whether the model merges
     touching objects, cuts them up, or misses them. Of the annotated objects without a
     prediction of IoU >= 0.5:
-      merged: its main prediction also covers at least half of another annotated object;
+      merged: at least half of it lies in one prediction that also covers at least half of
+        another annotated object (touching objects segmented as one);
       missed: predictions cover under MISSED_COVER of it;
       outlined: the rest (found, but outlined too small or large, or cut in pieces).
     Of the predicted objects without an annotated one of IoU >= 0.5:

@@ -221,6 +221,9 @@ class TrainParams(_Section):
     early_stopping: int = Field(0, ge=0)  # epochs without a better val Dice before stopping; 0 = never
     deterministic: bool = True  # seeded, deterministic kernels: a resumed run ends like an uninterrupted one
     interior_margin: int = Field(2, ge=1)  # watershed target: pixels this close to an edge are not interior
+    # Watershed and distance models: pixels within interior_margin of two objects (where touching
+    # neighbours meet, or the narrow gap between them) weigh 1 + border_weight in the pixel loss.
+    border_weight: float = Field(0.0, ge=0)
     # Size normalisation: every training image is rescaled so its median object is this many
     # pixels across, and inference rescales to match (inference.diameter); null = native scale.
     diameter: float | None = Field(None, gt=0)
@@ -559,6 +562,13 @@ class Params(_Section):
                 f"inference.instances: {self.inference.instances} learns from instance ids, but "
                 f"ingest.format {ingest.format} with mask_kind {ingest.mask_kind} gives class masks only; "
                 "set inference.instances: components (objects = connected regions of the mask) or auto"
+            )
+        if self.train.border_weight and self.instance_method() == "components":
+            raise ValueError(
+                f"train.border_weight {self.train.border_weight} weighs borders between touching objects, "
+                "which only watershed and distance models learn from instance ids (these params give a "
+                "components model); set inference.instances: distance (or watershed) with instance masks, "
+                "or train.border_weight: 0"
             )
         if self.train.diameter and not self.has_instance_ids():
             raise ValueError(

@@ -122,10 +122,15 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
     compute = Compute.resolve(cfg.precision, cfg.channels_last)
     log.info("training in %s", compute.describe())
     model = compute.prepare(build_model(spec, cfg.encoder_weights))
-    loss_fn = _make_loss(cfg.dice_weight, len(params.base.classes))
+    loss_fn = _make_loss(cfg.dice_weight, len(params.base.classes), cfg.border_weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dataset = AugmentedDataset(
-        train, build_augmentations(params), prep, cfg.interior_margin, cfg.crops_per_image
+        train,
+        build_augmentations(params),
+        prep,
+        cfg.interior_margin,
+        cfg.crops_per_image,
+        cfg.border_weight > 0,
     )
     loader = _loader(dataset, distributed.check_batch(cfg.batch_size, world.size), params.base.seed, world)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.lr, cfg.epochs * len(loader))
@@ -264,26 +269,41 @@ def _restore(state: dict, model, optimizer, scheduler, resume: ResumeFile | None
     return True
 
 
-def _make_loss(dice_weight: float, n_classes: int):
+def _make_loss(dice_weight: float, n_classes: int, border_weight: float = 0.0):
     """Dice + BCE on one foreground logit (two classes), Dice + cross-entropy over K logits otherwise;
-    plus Dice + BCE on the interior logit (the last channel) when the targets have one."""
-    import torch
+    plus Dice + BCE on the interior logit (the last channel) when the targets have one.
+
+    When the targets mark where touching objects meet ("border", dataset.touching_band), those
+    pixels weigh 1 + border_weight in both pixel losses (BCE, cross-entropy), not in Dice.
+    Validation builds no border target, so val_loss stays comparable across border weights.
+    """
+    import torch.nn.functional as F
     from segmentation_models_pytorch.losses import DiceLoss
 
-    binary_dice, bce = DiceLoss(mode="binary", from_logits=True), torch.nn.BCEWithLogitsLoss()
-    if n_classes == 2:
-        dice, pixelwise = binary_dice, bce
-    else:
-        dice, pixelwise = DiceLoss(mode="multiclass", from_logits=True), torch.nn.CrossEntropyLoss()
+    binary_dice = DiceLoss(mode="binary", from_logits=True)
+    multiclass_dice = DiceLoss(mode="multiclass", from_logits=True)
     n_semantic = 1 if n_classes == 2 else n_classes
 
-    def mixed(dice_loss, pixel_loss, logits, target):
-        return dice_weight * dice_loss(logits, target) + (1 - dice_weight) * pixel_loss(logits, target)
+    def bce(logits, target, weight):
+        return F.binary_cross_entropy_with_logits(logits, target, weight=weight)
+
+    def cross_entropy(logits, target, weight):
+        if weight is None:
+            return F.cross_entropy(logits, target)
+        return (F.cross_entropy(logits, target, reduction="none") * weight[:, 0]).mean()
+
+    dice, pixelwise = (binary_dice, bce) if n_classes == 2 else (multiclass_dice, cross_entropy)
+
+    def mixed(dice_loss, pixel_loss, logits, target, weight):
+        return dice_weight * dice_loss(logits, target) + (1 - dice_weight) * pixel_loss(
+            logits, target, weight
+        )
 
     def loss(logits, target: dict):
-        total = mixed(dice, pixelwise, logits[:, :n_semantic], target["semantic"])
+        weight = 1.0 + border_weight * target["border"] if "border" in target else None
+        total = mixed(dice, pixelwise, logits[:, :n_semantic], target["semantic"], weight)
         if "interior" in target:  # the watershed's seeds: one more binary task on the last channel
-            total = total + mixed(binary_dice, bce, logits[:, n_semantic:], target["interior"])
+            total = total + mixed(binary_dice, bce, logits[:, n_semantic:], target["interior"], weight)
         return total
 
     return loss

@@ -10,6 +10,8 @@ import io
 
 import numpy as np
 
+from segflow.core.masks import sequential_ids
+
 # COCO's 0.50:0.05:0.95, as decimals (pycocotools' linspace gives 0.8999999999999999, which no
 # ratio of pixel counts can tell apart). A match needs IoU >= threshold.
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
@@ -125,10 +127,11 @@ def object_errors(truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
       object the annotators left out).
     One spanning several annotated objects is neither: they count it, as merged.
     """
-    t, p = truth.astype(np.int64).ravel(), prediction.astype(np.int64).ravel()
+    t, p = truth.ravel(), prediction.ravel()
+    if (int(t.max(initial=0)) + 1) * (int(p.max(initial=0)) + 1) > 2**24:
+        t, p = sequential_ids(t), sequential_ids(p)  # sparse ids (a few numbered up to 65,535)
+    t, p = t.astype(np.int64), p.astype(np.int64)
     n_t, n_p = int(t.max(initial=0)) + 1, int(p.max(initial=0)) + 1
-    if n_t * n_p > 2**24:  # sparse ids (a few objects numbered up to 65,535): renumber 1..n first
-        (t, n_t), (p, n_p) = _renumbered(t), _renumbered(p)
     overlap = np.bincount(t * n_p + p, minlength=n_t * n_p).reshape(n_t, n_p)  # pixels per id pair
     area_t, area_p = overlap.sum(1), overlap.sum(0)
     inside = overlap[1:, 1:]  # object pairs, background left out
@@ -154,14 +157,6 @@ def object_errors(truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
             errors["unannotated"] += 1
         # else it spans several annotated objects: those count it, as merged
     return errors
-
-
-def _renumbered(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Flat ids -> the same objects numbered 1..n (0 stays background), and n + 1."""
-    ids, compact = np.unique(labels, return_inverse=True)
-    if ids[0] != 0:
-        compact = compact + 1
-    return compact.astype(np.int64), int(compact.max(initial=0)) + 1
 
 
 def _ap_keys(by_iou: np.ndarray) -> dict:

@@ -31,6 +31,7 @@ from segflow.core.postprocessing import Prediction, to_prediction
 from segflow.core.sizes import median_diameter, resize_image, resize_labels, scaled_shape
 from segflow.data.samples import Sample, load_samples
 from segflow.errors import UserError
+from segflow.evaluate.instance_metrics import ERROR_KINDS
 from segflow.evaluate.scoring import SplitScores, choose_postprocessing, score_predictions, sizes_estimated
 from segflow.train.checkpoints import checkpoint_segmenter
 from segflow.train.loop import train_model
@@ -279,6 +280,8 @@ def summarize_folds(
     subsets: dict[str, list[str]] | None = None,
 ) -> dict:  # fmt: skip
     """reports/crossval/summary.json: per fold, and mean, standard deviation, min and max over folds.
+    Per fold, per seed and pooled, the unmatched objects are also counted by kind (merged,
+    missed, ...: instance_metrics.object_errors), summed over the images.
 
     Keys are per scale: "scale_1", "scale_0.6", so `dvc metrics show` can compare them. With
     `classes`, each scale also gets "pooled" (every held-out image scored together, as one
@@ -306,6 +309,7 @@ def summarize_folds(
             block["per_seed"] = [
                 {"seed": seed} | {m: v["mean"] for m, v in _spread(
                     [r.scores[scale] for r in results if r.seed == seed], metrics).items()}
+                | _error_totals([r.scores[scale] for r in results if r.seed == seed])
                 for seed in seeds
             ]  # fmt: skip
         if all(scale in r.known for r in results):
@@ -350,16 +354,35 @@ def _pooled(
         raise UserError(f"crossval.subsets names images that are not in the dataset: {sorted(ids or [])}")
     samples, predictions = zip(*pairs, strict=True)
     summary = score_predictions(list(predictions), list(samples), classes, "pooled").summary
-    return {"images": int(summary["images"])} | {
-        m: round(float(summary[m]), 6) for m in metrics if m in summary
-    }
+    return (
+        {"images": int(summary["images"])}
+        | {m: round(float(summary[m]), 6) for m in metrics if m in summary}
+        | _error_totals([summary])
+    )
 
 
 def _fold_row(result: FoldResult, scale: float, metrics: list[str]) -> dict:
     scores = result.scores[scale]
-    return {"seed": result.seed, "fold": result.fold, "images": int(scores["images"])} | {
-        m: round(float(scores[m]), 6) for m in metrics
-    }
+    return (
+        {"seed": result.seed, "fold": result.fold, "images": int(scores["images"])}
+        | {m: round(float(scores[m]), 6) for m in metrics}
+        | _error_totals([scores])
+    )
+
+
+def _error_totals(summaries: list[dict]) -> dict:
+    """The unmatched objects by kind (ERROR_KINDS) summed over the summaries; {} where a summary
+    has no counts (no instance ids)."""
+    if not summaries or not all(kind in s for s in summaries for kind in ERROR_KINDS):
+        return {}
+    return {kind: int(sum(s[kind] for s in summaries)) for kind in ERROR_KINDS}
+
+
+def _errors_text(row: dict) -> str:
+    """'; unmatched objects: merged 3, missed 1, ...' where `row` has the counts, else ''."""
+    if ERROR_KINDS[0] not in row:
+        return ""
+    return "; unmatched objects: " + ", ".join(f"{kind} {row[kind]}" for kind in ERROR_KINDS)
 
 
 def fold_table(summary: dict) -> list[dict]:
@@ -393,12 +416,12 @@ def describe(summary: dict, scales: list[float]) -> str:
         lines.append(f"  scale {scale:g}, mean ± sd over folds: " + _mean_sd(block))
         for row in block.get("per_seed", []):
             cells = [f"{m} {row[m]:.3f}" for m in FOLD_METRICS if m in row]
-            lines.append(f"    seed {row['seed']}'s folds: " + ", ".join(cells))
+            lines.append(f"    seed {row['seed']}'s folds: " + ", ".join(cells) + _errors_text(row))
         if "known_diameter" in block:
             lines.append("    at each image's true object diameter: " + _mean_sd(block["known_diameter"]))
         for key in (k for k in block if k == "pooled" or k.startswith("subset_")):
             pooled = block[key]
             cells = [f"{m} {pooled[m]:.3f}" for m in FOLD_METRICS if m in pooled]
             scored = f"{pooled['images']} images" + (", each once per partition" if len(seeds) > 1 else "")
-            lines.append(f"    {key} ({scored}): " + ", ".join(cells))
+            lines.append(f"    {key} ({scored}): " + ", ".join(cells) + _errors_text(pooled))
     return "\n".join(lines)

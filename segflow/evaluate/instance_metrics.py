@@ -108,6 +108,8 @@ def image_instance_scores(
 
 # An annotated object less than this share covered by predicted objects was missed.
 MISSED_COVER = 0.2
+# The kinds object_errors counts, in the order reports list them.
+ERROR_KINDS = ("merged", "missed", "outlined", "fragments", "unannotated")
 
 
 def object_errors(truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
@@ -138,7 +140,7 @@ def object_errors(truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
     iou = inside / np.maximum(area_t[1:, None] + area_p[None, 1:] - inside, 1)
     true_ids = np.flatnonzero(area_t[1:])  # ids that occur (0-based into inside)
     pred_ids = np.flatnonzero(area_p[1:])
-    errors = dict.fromkeys(("merged", "missed", "outlined", "fragments", "unannotated"), 0)
+    errors = dict.fromkeys(ERROR_KINDS, 0)
     for i in true_ids:
         if iou[i].max(initial=0) >= 0.5:
             continue

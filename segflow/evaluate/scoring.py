@@ -22,7 +22,7 @@ from segflow.core.postprocessing import SEEDED, Prediction, to_prediction, witho
 from segflow.core.preprocessing import Preprocessing, scale_intensity, to_channels
 from segflow.data.samples import Sample
 from segflow.evaluate.baseline import otsu_segment, otsu_watershed
-from segflow.evaluate.instance_metrics import image_instance_scores, instance_summary
+from segflow.evaluate.instance_metrics import ERROR_KINDS, image_instance_scores, instance_summary
 from segflow.evaluate.metrics import class_confusions, confusion, image_scores, summarize, summarize_classes
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ TUNING_SCORES = ("dice", "ap", "ap50", "count_error")  # recorded for every grid
 class SplitScores:
     """One set of images scored: summary, per-image rows, and the predictions behind them."""
 
-    summary: dict[str, float]  # Dice, IoU, ... and, with instance truth, AP, AP50, AP75, count error
+    # Dice, IoU, ... and, with instance truth, AP, AP50, AP75, count error and the lost objects
+    # by kind (ERROR_KINDS, totals over the images)
+    summary: dict[str, float]
     rows: list[dict]  # one per image
     predictions: list[Prediction]
     ap_by_iou: list[float] | None  # AP at IoU 0.50, 0.55, ... 0.95; None without instance truth
@@ -51,7 +53,9 @@ def score_split(segmenter: Segmenter, samples: list[Sample], split: str) -> Spli
 def score_predictions(
     predictions: list[Prediction], samples: list[Sample], classes: list[str], split: str
 ) -> SplitScores:
-    """Pixel scores (per class when K > 2) and, when every sample has instance ids, object scores."""
+    """Pixel scores (per class when K > 2) and, when every sample has instance ids, object scores
+    with the unmatched objects counted by kind (instance_metrics.object_errors) over the images:
+    `dvc metrics diff` then shows whether a change merged fewer neighbours or cut more apart."""
     summary = _pixel_summary(predictions, samples, classes)
     rows = []
     for p, s in zip(predictions, samples, strict=True):
@@ -65,6 +69,7 @@ def score_predictions(
         objects = _object_summary(predictions, samples, classes)
         ap_by_iou = objects.pop("ap_by_iou")
         summary |= {k: v for k, v in objects.items() if k != "images"}
+        summary |= {kind: int(sum(row[kind] for row in rows)) for kind in ERROR_KINDS}
     return SplitScores(summary, rows, predictions, ap_by_iou)
 
 

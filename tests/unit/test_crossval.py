@@ -68,11 +68,14 @@ def test_rescaled_samples_shrink_images_and_ids_together():
     assert rescaled([sample], 1.0)[0] is sample
 
 
-def _result(fold: int, ap50: float, seed: int = 42) -> FoldResult:
+def _result(fold: int, ap50: float, seed: int = 42, merged: int | None = None) -> FoldResult:
+    """A fold's result; with `merged`, its summary at scale 1 counts unmatched objects too."""
     scores = {
         1.0: {"images": 2, "ap50": ap50, "dice": 0.8},
         0.6: {"images": 2, "ap50": ap50 - 0.1, "dice": 0.7},
     }
+    if merged is not None:
+        scores[1.0] |= {"merged": merged, "missed": 1, "outlined": 0, "fragments": 2, "unannotated": 0}
     chosen = {"threshold": 0.5, "tta": "none"}
     return FoldResult(fold, scores, [], chosen, epochs=3, train_seconds=1.0, seed=seed)
 
@@ -88,11 +91,12 @@ def test_summary_gives_mean_spread_and_every_fold_per_scale():
     assert len(fold_table(summary)) == 6 and {r["scale"] for r in fold_table(summary)} == {1.0, 0.6}
     assert "ap50 0.900 ± 0.100" in describe(summary, [1.0, 0.6])
     assert summary["seeds"] == [42] and "per_seed" not in block  # one partition: nothing to compare
+    assert "merged" not in block["per_fold"][0]  # summaries without object counts (no instance ids)
 
 
 def test_repeated_partitions_spread_over_every_fold_and_give_each_seeds_means():
-    results = [_result(f, ap50, 42) for f, ap50 in enumerate((0.8, 0.9, 1.0))]
-    results += [_result(f, ap50, 7) for f, ap50 in enumerate((0.6, 0.7, 0.8))]
+    results = [_result(f, ap50, 42, merged=f) for f, ap50 in enumerate((0.8, 0.9, 1.0))]
+    results += [_result(f, ap50, 7, merged=10 * f) for f, ap50 in enumerate((0.6, 0.7, 0.8))]
     summary = summarize_folds(results, [1.0])
     assert summary["folds"] == 3 and summary["images"] == 6 and summary["seeds"] == [42, 7]  # one partition's
     block = summary["scale_1"]
@@ -105,11 +109,15 @@ def test_repeated_partitions_spread_over_every_fold_and_give_each_seeds_means():
         (42, pytest.approx(0.9)),
         (7, pytest.approx(0.7)),
     ]
+    # Unmatched objects add up over each seed's folds (and stay per fold in folds.csv).
+    assert [(r["merged"], r["missed"], r["fragments"]) for r in block["per_seed"]] == [(3, 3, 6), (30, 3, 6)]
+    assert [r["merged"] for r in block["per_fold"]] == [0, 1, 2, 0, 10, 20]
     assert [(r["seed"], r["fold"]) for r in block["per_fold"]] == [(s, f) for s in (42, 7) for f in range(3)]
     assert [(r["seed"], r["fold"]) for r in summary["chosen"]][3] == (7, 0)
     text = describe(summary, [1.0])
     assert "2 partitions (seeds 42, 7) of 3 folds, 6 images" in text and "ap50 0.800 ± 0.141" in text
-    assert "seed 42's folds: ap50 0.900, dice 0.800" in text and "seed 7's folds: ap50 0.700" in text
+    assert "seed 42's folds: ap50 0.900, dice 0.800; unmatched objects: merged 3, missed 3" in text
+    assert "seed 7's folds: ap50 0.700, dice 0.800; unmatched objects: merged 30" in text
     assert len(fold_table(summary)) == 6
 
 
@@ -167,7 +175,13 @@ def test_pooled_and_subset_scores_use_every_held_out_image_once():
     block = summary["scale_1"]
     # Pooled: the confident, right object first, then the wrong one: precision 1 up to recall 0.5.
     assert block["pooled"]["images"] == 2 and block["pooled"]["ap50"] == pytest.approx(0.5, abs=0.01)
-    assert block["subset_hard"] == {"images": 1, "ap50": 0.0}
+    # Fold 1's object, outlined off by 6 pixels: too little of it found, and a detection beside it.
+    lost = {"merged": 0, "missed": 0, "outlined": 1, "fragments": 0, "unannotated": 1}
+    assert block["subset_hard"] == {"images": 1, "ap50": 0.0} | lost
+    assert {k: block["pooled"][k] for k in lost} == lost
+    assert "unmatched objects: merged 0, missed 0, outlined 1, fragments 0, unannotated 1" in describe(
+        summary, [1.0]
+    )
     with pytest.raises(UserError, match="imgX"):
         check_subsets({"hard": ["img1", "imgX"]}, ["img0", "img1"])
 

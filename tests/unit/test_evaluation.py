@@ -12,7 +12,7 @@ import pytest
 from segflow.config import ExtraSet, InferenceParams
 from segflow.core.images import write_png
 from segflow.core.instances import interior_target
-from segflow.core.postprocessing import to_prediction
+from segflow.core.postprocessing import Prediction, to_prediction
 from segflow.core.preprocessing import Preprocessing
 from segflow.data.extra import check_tracked, load_extra_set
 from segflow.data.folder import SourceFileError
@@ -33,6 +33,25 @@ def sample_with_touching_pair(index: int) -> tuple[Sample, np.ndarray]:
     interior = np.where(interior_target(instances, 2) > 0, np.log(0.65 / 0.35), -4.0)
     logits = np.stack([foreground, interior]).astype(np.float32)
     return Sample(f"s{index}", image, (instances > 0).astype(np.uint8), instances), logits
+
+
+def test_scores_count_the_unmatched_objects_by_kind_over_the_images():
+    truth = np.zeros((40, 48), np.uint16)
+    truth[2:12, 2:12], truth[2:12, 12:22] = 1, 2  # a touching pair
+    truth[20:30, 2:12], truth[20:30, 20:30], truth[20:30, 35:45] = 3, 4, 5
+    pred = np.zeros_like(truth)
+    pred[1:13, 1:23] = 1  # the pair as one object (IoU 0.38 with each)
+    pred[20:30, 2:12] = 2  # object 3, right
+    pred[20:30, 35:38], pred[20:30, 38:45] = 3, 4  # object 5 found (IoU 0.7) less a 3-pixel strip
+    pred[35:37, 35:37] = 5  # a speck where nothing is annotated; object 4 is not found
+    mask = (pred > 0).astype(np.uint8)
+    sample = Sample("s", np.zeros(truth.shape, np.uint8), (truth > 0).astype(np.uint8), truth)
+    prediction = Prediction(mask.astype(np.float32), mask.astype(np.float32), mask, pred)
+    scores = score_predictions([prediction, prediction], [sample, sample], ["bg", "cell"], "test")
+    expected = {"merged": 2, "missed": 1, "outlined": 0, "fragments": 1, "unannotated": 1}
+    assert all(row | expected == row for row in scores.rows)
+    assert {k: scores.summary[k] for k in expected} == {k: 2 * v for k, v in expected.items()}
+    assert (scores.summary["objects_true"], scores.summary["objects_pred"]) == (10, 10)
 
 
 def test_tuning_finds_the_seed_threshold_that_separates_objects():

@@ -31,7 +31,7 @@ from segflow.core.postprocessing import Prediction, to_prediction
 from segflow.core.sizes import median_diameter, resize_image, resize_labels, scaled_shape
 from segflow.data.samples import Sample, load_samples
 from segflow.errors import UserError
-from segflow.evaluate.instance_metrics import ERROR_KINDS
+from segflow.evaluate.instance_metrics import ERROR_KINDS, error_totals
 from segflow.evaluate.scoring import SplitScores, choose_postprocessing, score_predictions, sizes_estimated
 from segflow.train.checkpoints import checkpoint_segmenter
 from segflow.train.loop import train_model
@@ -309,7 +309,7 @@ def summarize_folds(
             block["per_seed"] = [
                 {"seed": seed} | {m: v["mean"] for m, v in _spread(
                     [r.scores[scale] for r in results if r.seed == seed], metrics).items()}
-                | _error_totals([r.scores[scale] for r in results if r.seed == seed])
+                | error_totals([r.scores[scale] for r in results if r.seed == seed])
                 for seed in seeds
             ]  # fmt: skip
         if all(scale in r.known for r in results):
@@ -357,7 +357,7 @@ def _pooled(
     return (
         {"images": int(summary["images"])}
         | {m: round(float(summary[m]), 6) for m in metrics if m in summary}
-        | _error_totals([summary])
+        | error_totals([summary])
     )
 
 
@@ -366,16 +366,8 @@ def _fold_row(result: FoldResult, scale: float, metrics: list[str]) -> dict:
     return (
         {"seed": result.seed, "fold": result.fold, "images": int(scores["images"])}
         | {m: round(float(scores[m]), 6) for m in metrics}
-        | _error_totals([scores])
+        | error_totals([scores])
     )
-
-
-def _error_totals(summaries: list[dict]) -> dict:
-    """The unmatched objects by kind (ERROR_KINDS) summed over the summaries; {} where a summary
-    has no counts (no instance ids)."""
-    if not summaries or not all(kind in s for s in summaries for kind in ERROR_KINDS):
-        return {}
-    return {kind: int(sum(s[kind] for s in summaries)) for kind in ERROR_KINDS}
 
 
 def _errors_text(row: dict) -> str:

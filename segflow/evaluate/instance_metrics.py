@@ -161,6 +161,14 @@ def object_errors(truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
     return errors
 
 
+def error_totals(counts: list[dict]) -> dict[str, int]:
+    """The unmatched objects by kind (ERROR_KINDS) summed over per-image rows or per-set summaries;
+    {} where one of them has no counts (no instance ids), so a caller can merge it unconditionally."""
+    if not counts or not all(kind in c for c in counts for kind in ERROR_KINDS):
+        return {}
+    return {kind: int(sum(c[kind] for c in counts)) for kind in ERROR_KINDS}
+
+
 def _ap_keys(by_iou: np.ndarray) -> dict:
     return {
         "ap": float(by_iou.mean()),

@@ -22,7 +22,7 @@ from segflow.core.postprocessing import SEEDED, Prediction, to_prediction, witho
 from segflow.core.preprocessing import Preprocessing, scale_intensity, to_channels
 from segflow.data.samples import Sample
 from segflow.evaluate.baseline import otsu_segment, otsu_watershed
-from segflow.evaluate.instance_metrics import ERROR_KINDS, image_instance_scores, instance_summary
+from segflow.evaluate.instance_metrics import error_totals, image_instance_scores, instance_summary
 from segflow.evaluate.metrics import class_confusions, confusion, image_scores, summarize, summarize_classes
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def score_predictions(
         objects = _object_summary(predictions, samples, classes)
         ap_by_iou = objects.pop("ap_by_iou")
         summary |= {k: v for k, v in objects.items() if k != "images"}
-        summary |= {kind: int(sum(row[kind] for row in rows)) for kind in ERROR_KINDS}
+        summary |= error_totals(rows)
     return SplitScores(summary, rows, predictions, ap_by_iou)
 
 

@@ -224,6 +224,10 @@ class TrainParams(_Section):
     # Watershed and distance models: pixels within interior_margin of two objects (where touching
     # neighbours meet, or the narrow gap between them) weigh 1 + border_weight in the pixel loss.
     border_weight: float = Field(0.0, ge=0)
+    # An exponential moving average of the weights, updated every step (segflow.train.averaging);
+    # validation, checkpoints and export use it. 0 = off; 0.95-0.999 usual (steps per epoch:
+    # training images x crops_per_image / batch_size).
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     # Size normalisation: every training image is rescaled so its median object is this many
     # pixels across, and inference rescales to match (inference.diameter); null = native scale.
     diameter: float | None = Field(None, gt=0)

@@ -19,6 +19,7 @@ from segflow.core.sizes import median_diameter
 from segflow.data.samples import Sample
 from segflow.evaluate.metrics import class_confusions, summarize_classes
 from segflow.train import distributed
+from segflow.train.averaging import WeightAverage
 from segflow.train.checkpoints import save_checkpoint, torch_segmenter
 from segflow.train.dataset import (
     AugmentedDataset,
@@ -134,6 +135,8 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
     )
     loader = _loader(dataset, distributed.check_batch(cfg.batch_size, world.size), params.base.seed, world)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.lr, cfg.epochs * len(loader))
+    # With train.ema_decay the averaged weights are what is validated, saved and exported.
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     # The best epoch so far, with a copy of its weights for the resume state.
     history, best, best_at, best_weights = [], -1.0, 0, None
     resume = None
@@ -145,7 +148,7 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
                 Path(resume_path), fingerprint(params, prep.to_dict(), {"train": train, "val": val})
             )
         [state] = distributed.share_from_main([resume.load() if resume is not None else None], world)
-        if state is not None and _restore(state, model, optimizer, scheduler, resume):
+        if state is not None and _restore(state, model, optimizer, scheduler, average, resume):
             history = state["history"]
             best, best_at, best_weights = state["best_val_dice"], state["best_epoch"], state["best_weights"]
             # The output folder was rebuilt empty: put the best checkpoint back.
@@ -159,7 +162,8 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
             )  # fmt: skip
             for record in history if on_epoch and world.is_main else ():
                 on_epoch(record)
-    network = model  # what is validated, saved and exported
+    network = model  # what the optimizer steps
+    evaluated = average.module if average is not None else network  # what is validated, saved and exported
     if world.size > 1:  # averages gradients over the processes; starts every replica from rank 0's weights
         model = torch.nn.parallel.DistributedDataParallel(model)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
@@ -187,9 +191,11 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
             lr = optimizer.param_groups[0]["lr"]  # what this step uses (the scheduler moves it next)
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update(network)
             losses.append(reported)
         val_loss, val_dice = distributed.share_from_main(
-            _validate(network, prep, val, loss_fn, cfg.interior_margin) if world.is_main else [None, None],
+            _validate(evaluated, prep, val, loss_fn, cfg.interior_margin) if world.is_main else [None, None],
             world,
         )  # every rank needs the result: early stopping must stop them all at the same epoch
         record = {
@@ -202,9 +208,9 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
         }
         if val_dice > best:
             best, best_at = val_dice, epoch
-            best_weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
+            best_weights = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
             if world.is_main:
-                save_checkpoint(checkpoint_path, network, spec, prep, epoch=epoch, val_dice=val_dice)
+                save_checkpoint(checkpoint_path, evaluated, spec, prep, epoch=epoch, val_dice=val_dice)
         record["best_val_dice"] = best
         history.append(record)
         if not world.is_main:
@@ -221,10 +227,11 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
                     "best_val_dice": best,
                     "best_epoch": best_at,
                     # The model's own tensors when this epoch is the best: torch.save stores them once.
-                    "best_weights": network.state_dict() if best_at == epoch else best_weights,
+                    "best_weights": evaluated.state_dict() if best_at == epoch else best_weights,
                     "model": network.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    **({"average": average.state_dict()} if average is not None else {}),
                 }
             )
         if on_epoch:
@@ -254,9 +261,11 @@ def _loader(dataset, batch_size: int, seed: int, world: distributed.World):
     )
 
 
-def _restore(state: dict, model, optimizer, scheduler, resume: ResumeFile | None) -> bool:
-    """Load a matching resume state into the model, optimizer and scheduler; False (saying
-    why, on rank 0: `resume`) if its weights do not fit the network."""
+def _restore(
+    state: dict, model, optimizer, scheduler, average: WeightAverage | None, resume: ResumeFile | None
+) -> bool:
+    """Load a matching resume state into the model, optimizer, scheduler and weight average;
+    False (saying why, on rank 0: `resume`) if its weights do not fit the network."""
     current = model.state_dict()
     saved = state["model"]
     if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in current):
@@ -266,6 +275,8 @@ def _restore(state: dict, model, optimizer, scheduler, resume: ResumeFile | None
     model.load_state_dict(saved)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if average is not None:  # train.ema_decay is in the fingerprint: a matching state holds one
+        average.load_state_dict(state["average"])
     return True
 
 

@@ -106,4 +106,6 @@ def test_a_resume_state_without_an_average_is_not_reused_for_an_averaged_run(tmp
     averaged = parse_params({"train": {**TINY["train"], "epochs": 1, "ema_decay": 0.9}})
     caplog.set_level("INFO", logger="segflow")
     train_model(averaged, train, val, tmp_path / "averaged" / "model.pt", None, state)
-    assert "resuming" not in caplog.text  # its fingerprint (train params) differs: trained afresh
+    # ema_decay is in the fingerprint: the raw run's state is named and set aside, training starts afresh
+    assert f"resume: ignoring {state}: it was saved for different params" in caplog.text
+    assert "resuming" not in caplog.text

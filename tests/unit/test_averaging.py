@@ -12,15 +12,14 @@ import torch
 from segflow.config import ParamsError, parse_params
 from segflow.train.averaging import WeightAverage
 from segflow.train.loop import train_model
-from tests.unit.test_training import TINY, _comparable, _Killed, _samples
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.unit.test_training import (
+    TINY,
+    _comparable,
+    _die_after_epoch_1,
+    _Killed,
+    _samples,
+    one_thread,  # noqa: F401  (autouse: tiny tensors train fastest on one thread)
+)
 
 
 def _net() -> torch.nn.Module:
@@ -81,13 +80,9 @@ def test_training_saves_the_averaged_weights_and_resumes_them_exactly(tmp_path):
     assert [r["train_loss"] for r in reference] == [r["train_loss"] for r in unaveraged]
     assert [r["val_dice"] for r in reference] != [r["val_dice"] for r in unaveraged]
 
-    def die_after_epoch_1(record: dict) -> None:
-        if record["epoch"] == 1:
-            raise _Killed
-
     state = tmp_path / ".resume" / "train.pt"
     with pytest.raises(_Killed):
-        train_model(params, train, val, tmp_path / "first" / "model.pt", die_after_epoch_1, state)
+        train_model(params, train, val, tmp_path / "first" / "model.pt", _die_after_epoch_1, state)
     assert torch.load(state, weights_only=True)["average"]["steps"] == 2  # 8 images / batch 4, one epoch
 
     resumed = train_model(params, train, val, tmp_path / "second" / "model.pt", None, state)

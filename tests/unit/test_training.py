@@ -217,19 +217,21 @@ class _Killed(Exception):
     pass
 
 
+def _die_after_epoch_1(record: dict) -> None:
+    """An on_epoch callback that kills the run once epoch 1 is saved."""
+    if record["epoch"] == 1:
+        raise _Killed
+
+
 def test_interrupted_training_resumes_exactly(data, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="segflow")
     train, val = data
     params = _params(epochs=3, schedule="cosine")
     reference = train_model(params, train, val, tmp_path / "reference" / "model.pt")
 
-    def die_after_epoch_1(record: dict) -> None:
-        if record["epoch"] == 1:
-            raise _Killed
-
     state = tmp_path / ".resume" / "train.pt"
     with pytest.raises(_Killed):
-        train_model(params, train, val, tmp_path / "first" / "model.pt", die_after_epoch_1, state)
+        train_model(params, train, val, tmp_path / "first" / "model.pt", _die_after_epoch_1, state)
     assert torch.load(state, weights_only=True)["epoch"] == 1
 
     logged = []

@@ -231,6 +231,9 @@ class TrainParams(_Section):
     # Size normalisation: every training image is rescaled so its median object is this many
     # pixels across, and inference rescales to match (inference.diameter); null = native scale.
     diameter: float | None = Field(None, gt=0)
+    # With diameter: after training, fit a size head (segflow.train.sizehead), a second start
+    # for inference.diameter auto's size estimate.
+    size_head: bool = True
 
     @model_validator(mode="after")
     def _rescaling_needs_crops(self) -> TrainParams:

@@ -18,7 +18,15 @@ import numpy as np
 
 from segflow.core.postprocessing import Prediction, to_prediction
 from segflow.core.preprocessing import Preprocessing, normalize
-from segflow.core.sizes import predicted_diameter, resize_planes, scale_for, scaled_shape, solid_fraction
+from segflow.core.sizes import (
+    predicted_diameter,
+    resize_planes,
+    scale_for,
+    scaled_shape,
+    shared_outline,
+    size_view,
+    solid_fraction,
+)
 from segflow.core.tiling import tiled_logits
 from segflow.core.tta import averaged_logits
 from segflow.errors import UserError
@@ -36,12 +44,21 @@ SIZE_PASSES = 5
 
 
 class Segmenter:
-    """Segments images with any backend that maps (N, C, H, W) -> (N, K, H, W) logits."""
+    """Segments images with any backend that maps (N, C, H, W) -> (N, K, H, W) logits.
+
+    A size-normalised model may also carry a size head (prep.size_output): `estimate_batch`
+    maps (N, C, h, w) -> (N,) log(object diameter as shown / prep.train_diameter).
+    """
 
     def __init__(
-        self, run_batch: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, batch_size: int = 8
+        self,
+        run_batch: Callable[[np.ndarray], np.ndarray],
+        prep: Preprocessing,
+        batch_size: int = 8,
+        estimate_batch: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
         self._run_batch = run_batch
+        self._estimate_batch = estimate_batch
         self.prep = prep
         self.batch_size = batch_size
         # Size-normalised models enlarge images of small objects (up to 4x per side); the service
@@ -73,7 +90,17 @@ class Segmenter:
         def run(batch: np.ndarray) -> np.ndarray:
             return session.run([prep.output_name], {prep.input_name: batch})[0]
 
-        return cls(run, prep)
+        def estimate(batch: np.ndarray) -> np.ndarray:
+            return session.run([prep.size_output], {prep.input_name: batch})[0]
+
+        return cls(run, prep, estimate_batch=estimate if prep.size_output else None)
+
+    def estimate(self, batch: np.ndarray) -> np.ndarray:
+        """The size head's log(object diameter as shown / prep.train_diameter), (N,), for
+        (N, C, h, w) model inputs."""
+        if self._estimate_batch is None:
+            raise UserError("this model has no size head (preprocessing.json names no size_output)")
+        return np.asarray(self._estimate_batch(batch), np.float32).reshape(len(batch))
 
     def logits(
         self, images: Sequence[np.ndarray], diameters: Sequence[float | None] | None = None
@@ -114,6 +141,8 @@ class Segmenter:
         unknown = [i for i, d in enumerate(given) if not d]
         if unknown:
             self._rerun_at_estimated_sizes(inputs, logits, scales, unknown)
+            if self._estimate_batch is not None:
+                self._refine_from_size_head(inputs, logits, scales, unknown)
             if prep.diameter_choices != [1.0]:
                 self._choose_sizes(inputs, logits, scales, unknown)
         return logits, [self._applied_scale(x.shape[1:], s) for x, s in zip(inputs, scales, strict=True)]
@@ -148,6 +177,62 @@ class Segmenter:
             rerun = self._scaled_logits([inputs[i] for i in pending], [wanted[i] for i in pending])
             for i, logit in zip(pending, rerun, strict=True):
                 logits[i], scales[i] = logit, wanted[i]
+
+    def _refine_from_size_head(
+        self, inputs: list[np.ndarray], logits: list[np.ndarray], scales: list[float], which: list[int]
+    ) -> None:
+        """Refine the sizes of images `which` a second time, from the size head's estimate, and
+        keep per image the end whose objects share less outline (shared_outline).
+
+        Refining from the model's own objects has fixed points: a model that cuts large
+        nuclei into pieces of the trained size measures them at the trained size and stays
+        at its first guess; one that merges small nuclei reads them large. Which one an
+        image lands in depends on where refining starts, and the size head (a regression
+        on the encoder's features, blind to the objects' outlines) starts it elsewhere.
+        Pieces of one nucleus border each other, so the end that cut objects up shares more
+        outline. Only images whose head start is over 10% from the first guess run again
+        (up to SIZE_PASSES more passes); where both ends agree within 10%, the first stays.
+        `logits` and `scales` are updated in place."""
+        prep = self.prep
+        guess = scale_for(prep.data_diameter, prep.train_diameter)
+        starts = {i: self._size_head_scale(inputs[i]) for i in which}
+        other = [i for i in which if abs(starts[i] / guess - 1) > 0.1]
+        if not other:
+            return
+        alt_logits, alt_scales = list(logits), list(scales)
+        rerun = self._scaled_logits([inputs[i] for i in other], [starts[i] for i in other])
+        for i, logit in zip(other, rerun, strict=True):
+            alt_logits[i], alt_scales[i] = logit, starts[i]
+        self._rerun_at_estimated_sizes(inputs, alt_logits, alt_scales, other)
+        for i in other:
+            if abs(alt_scales[i] / scales[i] - 1) <= 0.1:
+                continue
+            here = shared_outline(self._instances(inputs[i], logits[i], scales[i]))
+            there = shared_outline(self._instances(inputs[i], alt_logits[i], alt_scales[i]))
+            log.debug(
+                "image %d: scale %.3f shares %.3f of its outline, %.3f (size head's start) %.3f",
+                i, scales[i], here, alt_scales[i], there,
+            )  # fmt: skip
+            if there < here:
+                logits[i], scales[i] = alt_logits[i], alt_scales[i]
+
+    def _size_head_scale(self, x: np.ndarray) -> float:
+        """The scale the size head says (C, H, W) input `x` needs, read at the first guess and
+        read again at the scale that implies (the head is most accurate near the trained size).
+        Within 4x of the first guess, like every estimate."""
+        prep = self.prep
+        guess = scale_for(prep.data_diameter, prep.train_diameter)
+        scale = guess
+        for _ in range(2):
+            view = size_view(resize_planes(x, self._scaled_shape(x.shape[1:], scale)), prep.pad_multiple)
+            shown = prep.train_diameter * float(np.exp(self.estimate(view[None])[0]))
+            diameter = shown / self._applied_scale(x.shape[1:], scale)
+            scale = float(np.clip(scale_for(diameter, prep.train_diameter), guess / 4, guess * 4))
+        return scale
+
+    def _instances(self, x: np.ndarray, logit: np.ndarray, scale: float) -> np.ndarray:
+        """The objects in `logit`, run at `scale` on input `x`."""
+        return to_prediction(logit, self.prep, self._applied_scale(x.shape[1:], scale)).instances
 
     def _choose_sizes(
         self, inputs: list[np.ndarray], logits: list[np.ndarray], scales: list[float], which: list[int]

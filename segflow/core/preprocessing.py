@@ -71,6 +71,10 @@ class Preprocessing:
     tta: str = "none"  # test-time augmentation: none | flips | d4 (segflow.core.tta)
     input_name: str = "image"
     output_name: str = "logits"
+    # The model's size head, if it has one: the output giving each input's log(object diameter
+    # as shown / train_diameter), where diameter auto refines sizes from a second start
+    # (segflow.core.inference). "" = no size head (models before it, or train.size_head false).
+    size_output: str = ""
     version: int = PREPROCESSING_VERSION
 
     def to_dict(self) -> dict:

@@ -8,11 +8,13 @@ import numpy as np
 
 from segflow.artifacts import write_json
 from segflow.core.inference import Segmenter
-from segflow.core.preprocessing import Preprocessing
+from segflow.core.preprocessing import Preprocessing, normalize
+from segflow.core.sizes import size_view
 from segflow.errors import UserError
 from segflow.release.quantize import int8_variant
 from segflow.serve.monitoring import REFERENCE_FILE, profile_model
 from segflow.train.checkpoints import torch_segmenter
+from segflow.train.sizehead import WithSize
 
 
 class ParityError(UserError):
@@ -32,16 +34,17 @@ def export_onnx(model, prep: Preprocessing, path: Path, opset: int, ir_version: 
     dummy = torch.zeros(1, prep.in_channels, 2 * prep.pad_multiple, 2 * prep.pad_multiple)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
+    outputs = {prep.output_name: {0: "batch", 2: "height", 3: "width"}}
+    if prep.size_output:  # the size head: a second output from the same encoder pass
+        model = WithSize(model)
+        outputs[prep.size_output] = {0: "batch"}
     torch.onnx.export(
         model,
         (dummy,),
         str(tmp),
         input_names=[prep.input_name],
-        output_names=[prep.output_name],
-        dynamic_axes={
-            prep.input_name: {0: "batch", 2: "height", 3: "width"},
-            prep.output_name: {0: "batch", 2: "height", 3: "width"},
-        },
+        output_names=list(outputs),
+        dynamic_axes={prep.input_name: {0: "batch", 2: "height", 3: "width"}, **outputs},
         opset_version=opset,
         dynamo=False,
     )
@@ -87,7 +90,33 @@ def check_parity(
             f"(export.parity_atol is {atol:g}); the exported model does not reproduce the "
             "trained one: check the opset (export.opset) and custom layers"
         )
+    if torch_segmenter.prep.size_output:
+        report["size_max_abs_diff"] = _size_parity(torch_segmenter, onnx_segmenter, images)
     return report
+
+
+# The size heads' estimates (log diameter) may differ by this much: 0.1% of an object's size,
+# far below what changes a rescaled image by one pixel.
+SIZE_ATOL = 1e-3
+
+
+def _size_parity(torch_segmenter: Segmenter, onnx_segmenter: Segmenter, images: list[np.ndarray]) -> float:
+    """The largest difference between both backends' size-head estimates on `images`.
+
+    Raises:
+        ParityError: above SIZE_ATOL.
+    """
+    prep = torch_segmenter.prep
+    views = [size_view(normalize(image, prep), prep.pad_multiple)[None] for image in images]
+    diff = float(
+        np.max([np.abs(torch_segmenter.estimate(v) - onnx_segmenter.estimate(v)).max() for v in views])
+    )
+    if not (np.isfinite(diff) and diff <= SIZE_ATOL):
+        raise ParityError(
+            f"the exported size head's estimates differ from torch's by up to {diff:.3g} (log diameter; "
+            f"{SIZE_ATOL:g} allowed): the exported model does not reproduce the trained one"
+        )
+    return diff
 
 
 def write_export(cfg, model, prep: Preprocessing, out: Path, train, test, val) -> tuple[dict, dict | None]:

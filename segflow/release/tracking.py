@@ -368,16 +368,21 @@ def register_onnx(
     from mlflow.types import Schema, TensorSpec
 
     prep = json.loads(preprocessing_path.read_text())
-    channels_out = 1 if len(prep["classes"]) == 2 else len(prep["classes"])  # binary: one logit
+    proto = onnx.load(str(onnx_path))
+    # The logits' channels as exported: the classes' logits and, for seeded instances, one more.
+    channels_out = proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    outputs = [TensorSpec(np.dtype("float32"), (-1, channels_out, -1, -1), prep["output_name"])]
+    if prep.get("size_output"):  # the size head's estimate, one per image
+        outputs.append(TensorSpec(np.dtype("float32"), (-1,), prep["size_output"]))
     signature = ModelSignature(
         inputs=Schema(
             [TensorSpec(np.dtype("float32"), (-1, prep["in_channels"], -1, -1), prep["input_name"])]
         ),
-        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, channels_out, -1, -1), prep["output_name"])]),
+        outputs=Schema(outputs),
     )
     with mlflow.start_run(run_id=parent_id):
         info = mlflow.onnx.log_model(
-            onnx_model=onnx.load(str(onnx_path)),
+            onnx_model=proto,
             name="model",
             registered_model_name=registered_name,
             signature=signature,

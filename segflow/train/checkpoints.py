@@ -3,6 +3,7 @@ the Segmenter that runs it through the same inference path as ONNX Runtime."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,24 @@ def load_checkpoint(path: str | Path):
     return model, Preprocessing.from_dict(payload["preprocessing"])
 
 
+def add_size_head(path: Path, samples: list) -> None:
+    """Fit a size head (segflow.train.sizehead) for the checkpoint's network on `samples` and
+    save it into the checkpoint, its output named in the preprocessing contract."""
+    import torch
+
+    from segflow.train.sizehead import SIZE_OUTPUT, fit_size_head
+
+    model, prep = load_checkpoint(path)
+    head = fit_size_head(model, prep, samples)
+    if head is None:
+        return
+    model.size_head = head
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    info = {k: v for k, v in payload.items() if k not in ("format", "spec", "preprocessing", "state_dict")}
+    spec = {**payload["spec"], "size_head": head.weight.numel()}
+    save_checkpoint(path, model, spec, replace(prep, size_output=SIZE_OUTPUT), **info)
+
+
 def torch_segmenter(model, prep: Preprocessing, batch_size: int = 8) -> Segmenter:
     """A Segmenter over a torch module (evaluation, the parity check, training's validation)."""
     import torch
@@ -67,7 +86,14 @@ def torch_segmenter(model, prep: Preprocessing, batch_size: int = 8) -> Segmente
         model.train(was_training)
         return out
 
-    return Segmenter(run, prep, batch_size)
+    def estimate(batch: np.ndarray) -> np.ndarray:  # the size head, as the ONNX graph's second output
+        from segflow.train.sizehead import WithSize
+
+        model.eval()  # only fitted models have a size head: they are not training
+        with torch.inference_mode():
+            return WithSize(model)(torch.from_numpy(batch))[1].float().numpy()
+
+    return Segmenter(run, prep, batch_size, estimate if prep.size_output else None)
 
 
 def checkpoint_segmenter(path: str | Path, batch_size: int = 8) -> Segmenter:

@@ -20,7 +20,7 @@ from segflow.data.samples import Sample
 from segflow.evaluate.metrics import class_confusions, summarize_classes
 from segflow.train import distributed
 from segflow.train.averaging import WeightAverage
-from segflow.train.checkpoints import save_checkpoint, torch_segmenter
+from segflow.train.checkpoints import add_size_head, save_checkpoint, torch_segmenter
 from segflow.train.dataset import (
     AugmentedDataset,
     build_augmentations,
@@ -75,7 +75,9 @@ def train_model(
     on_epoch: Callable[[dict], None] | None = None,
     resume_path: Path | None = None,
 ) -> list[dict]:
-    """Train, keeping the checkpoint with the best validation Dice.
+    """Train, keeping the checkpoint with the best validation Dice; with train.diameter and
+    train.size_head, then fit the checkpoint's size head on train and val
+    (segflow.train.sizehead).
 
     The learning rate follows train.schedule; train.early_stopping ends the run after that
     many epochs without a better val Dice; train.deterministic selects deterministic kernels
@@ -99,7 +101,10 @@ def train_model(
         early stopping ended the run.
     """
     with deterministic_mode(params.train.deterministic):
-        return _train(params, train, val, checkpoint_path, on_epoch, resume_path)
+        history = _train(params, train, val, checkpoint_path, on_epoch, resume_path)
+    if params.train.diameter and params.train.size_head and distributed.current().is_main:
+        add_size_head(checkpoint_path, train + val)
+    return history
 
 
 def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[dict]:

@@ -88,8 +88,9 @@ def build_model(spec: dict, encoder_weights: str | None = None) -> torch.nn.Modu
     """Build a network from a `model_spec` dict.
 
     Args:
-        spec: architecture, encoder, in_channels, classes, optional decoder_channels and
-            members (a seed ensemble of that many networks, segflow.train.ensemble).
+        spec: architecture, encoder, in_channels, classes, optional decoder_channels,
+            members (a seed ensemble of that many networks, segflow.train.ensemble) and
+            size_head (its number of features, segflow.train.sizehead).
         encoder_weights: None for random init, or a local weights file for the encoder.
 
     Returns:
@@ -97,12 +98,19 @@ def build_model(spec: dict, encoder_weights: str | None = None) -> torch.nn.Modu
     """
     spec = dict(spec)
     members = spec.pop("members", 1)
+    size_features = spec.pop("size_head", 0)
     if members > 1:
         from segflow.train.ensemble import Ensemble
 
         # Built one after another from the one random stream: each member its own initial weights.
-        return Ensemble([_build_network(spec, encoder_weights) for _ in range(members)])
-    return _build_network(spec, encoder_weights)
+        model = Ensemble([_build_network(spec, encoder_weights) for _ in range(members)])
+    else:
+        model = _build_network(spec, encoder_weights)
+    if size_features:  # fitted after training (segflow.train.sizehead); its values load with the weights
+        from segflow.train.sizehead import SizeHead
+
+        model.size_head = SizeHead(size_features)
+    return model
 
 
 def _build_network(spec: dict, encoder_weights: str | None) -> torch.nn.Module:

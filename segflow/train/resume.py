@@ -34,8 +34,9 @@ RESUME_FORMAT = 1
 TRAINING_MODULE = "segflow.train.loop"
 LIBRARIES = ("torch", "segmentation-models-pytorch", "albumentations", "numpy")
 # Train params that do not change what the epochs compute: threads only reorders float
-# sums (rounding), early_stopping only decides when to stop and is re-applied on resume.
-NEUTRAL_TRAIN_PARAMS = {"threads", "early_stopping"}
+# sums (rounding), early_stopping only decides when to stop and is re-applied on resume,
+# size_head is fitted after the last epoch.
+NEUTRAL_TRAIN_PARAMS = {"threads", "early_stopping", "size_head"}
 
 
 def fingerprint(params: Params, preprocessing: dict, samples: dict[str, Iterable]) -> dict[str, str]:

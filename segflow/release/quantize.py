@@ -95,8 +95,18 @@ def quantize(fp32: Path, int8: Path, inputs: list[np.ndarray], input_name: str) 
             per_channel=True,
             reduce_range=True,
             calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=_size_head_nodes(prepared),
         )
         write_without_shape_dequantization(quantized, int8)
+
+
+def _size_head_nodes(model: Path) -> list[str]:
+    """The size head's nodes (segflow.train.sizehead), which stay in float: one dot product
+    over averaged features costs nothing, and ONNX Runtime's QLinearMatMul refuses the
+    per-channel zero points a weight vector would get."""
+    import onnx
+
+    return [node.name for node in onnx.load(str(model)).graph.node if "size_head" in node.name]
 
 
 def write_without_shape_dequantization(quantized: Path, out: Path) -> int:

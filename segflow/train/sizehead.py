@@ -122,8 +122,15 @@ def fit_size_head(model: torch.nn.Module, prep: Preprocessing, samples: list[Sam
 
 def _ridge(X: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Ridge regression on standardised features: (mean, scale, weight, bias). Solved in its
-    dual form: a few hundred rows against a thousand features."""
-    mean, scale = X.mean(axis=0), X.std(axis=0) + 1e-6
+    dual form: a few hundred rows against a thousand features.
+
+    No feature is scaled up by more than a tenth of the features' mean spread: a channel
+    nearly constant on the fitting images (a dead filter of a briefly trained network) would
+    otherwise multiply any change, such as the INT8 variant's rounding, by thousands. On a
+    dsb fold's model (spreads 0.06-8.1) the floor leaves the held-out error as it was (0.185
+    against 0.187)."""
+    mean, spread = X.mean(axis=0), X.std(axis=0)
+    scale = np.maximum(spread, 0.1 * spread.mean()) + 1e-12  # 1e-12: features all constant
     Z = (X - mean) / scale
     bias = float(y.mean())
     dual = np.linalg.solve(Z @ Z.T + penalty * np.eye(len(Z)), y - bias)

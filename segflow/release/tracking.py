@@ -94,11 +94,29 @@ def use_experiment(name: str) -> str:
         # (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so compare, don't test the env.)
         if tracking_uri() == default_uri():
             location = (store_root() / "mlartifacts" / name).as_uri()
-        experiment_id = mlflow.create_experiment(name, artifact_location=location)
+        experiment_id = _create_experiment(name, location)
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def _create_experiment(name: str, location: str | None) -> str:
+    """Create the experiment, or take the one another process created since we looked.
+
+    Two queued experiments' first runs against a fresh store (`dvc queue start -j 2`) both
+    find no experiment and both create it; the store's unique name refuses the second.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        log.info("experiment %r was created by another run meanwhile; using it", name)
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def lineage_tags(stage: str, params_hash: str, data_hash: str | None) -> dict[str, str]:

@@ -99,3 +99,22 @@ def test_the_tracked_report_drops_what_differs_between_stores():
     assert "version" not in tracked["candidate"] and "version" not in tracked["champion"]
     assert tracked["candidate"]["onnx_sha256"] == "a" * 64 and tracked["decision"] == report["decision"]
     assert report["candidate"]["version"] == "7"  # the full report is left as it was
+
+
+def test_an_experiment_another_run_created_meanwhile_is_used_not_an_error(store, monkeypatch):
+    """Two queued experiments' first runs on a fresh store both look, find nothing and create;
+    the second create is refused (measured: 2 of 5 such races on SQLite). Here the other run
+    creates it between this run's look and its create."""
+    import mlflow
+
+    other = store.create_experiment("segflow-race")
+    look = mlflow.get_experiment_by_name
+    looks = []
+
+    def before_the_other_run_created_it(name):
+        looks.append(name)
+        return None if len(looks) == 1 else look(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", before_the_other_run_created_it)
+    assert tracking.use_experiment("segflow-race") == other
+    assert mlflow.get_experiment(other).name == "segflow-race"

@@ -56,11 +56,19 @@ def load_checkpoint(path: str | Path):
     return model, Preprocessing.from_dict(payload["preprocessing"])
 
 
-def add_size_head(path: Path, samples: list) -> None:
-    """Fit a size head (segflow.train.sizehead) for the checkpoint's network on `samples` and
-    save it into the checkpoint, its output named in the preprocessing contract."""
+def checkpoint_info(path: str | Path) -> dict:
+    """A checkpoint's entries beside its weights and contract: spec, epoch, val_dice,
+    size_head_error (with a size head), ..."""
     import torch
 
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in payload.items() if k not in ("format", "preprocessing", "state_dict")}
+
+
+def add_size_head(path: Path, samples: list) -> None:
+    """Fit a size head (segflow.train.sizehead) for the checkpoint's network on `samples` and
+    save it into the checkpoint, its output named in the preprocessing contract, and its
+    leave-one-image-out mean |log error| as the entry size_head_error."""
     from segflow.train.sizehead import SIZE_OUTPUT, fit_size_head
 
     model, prep = load_checkpoint(path)
@@ -68,9 +76,8 @@ def add_size_head(path: Path, samples: list) -> None:
     if head is None:
         return
     model.size_head = head
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    info = {k: v for k, v in payload.items() if k not in ("format", "spec", "preprocessing", "state_dict")}
-    spec = {**payload["spec"], "size_head": head.weight.numel()}
+    info = checkpoint_info(path) | {"size_head_error": head.held_out_error}
+    spec = {**info.pop("spec"), "size_head": head.weight.numel()}
     save_checkpoint(path, model, spec, replace(prep, size_output=SIZE_OUTPUT), **info)
 
 

@@ -115,6 +115,7 @@ def fit_size_head(model: torch.nn.Module, prep: Preprocessing, samples: list[Sam
     )  # fmt: skip
     mean, scale, weight, bias = _ridge(X, y, penalty)
     head = SizeHead(X.shape[1])
+    head.held_out_error = float(errors[penalty])  # not a buffer: the checkpoint keeps it as info
     for name, value in (("mean", mean), ("scale", scale), ("weight", weight), ("bias", bias)):
         getattr(head, name).copy_(torch.as_tensor(value, dtype=torch.float32))
     return head

@@ -132,6 +132,18 @@ def test_a_size_normalised_distance_model_exports_and_predicts(repo_copy: Path):
     assert prep["instances"] == "distance" and prep["train_diameter"] == 12
     assert prep["data_diameter"] > 0 and prep["diameter"] == "auto" and prep["tta"] in ("none", "flips")
     assert json.loads((repo_copy / "artifacts/export/parity.json").read_text())["max_abs_diff"] <= 1e-4
+    # Its size head, and how far it strays on images it was not fitted on, beside the model's row.
+    assert prep["size_output"] == "log_size"
+    error = json.loads((repo_copy / "artifacts/model/summary.json").read_text())["size_head_error"]
+    assert 0 < error < 5
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo_copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("segflow")
+    newest = client.search_runs(
+        [experiment.experiment_id], "tags.`segflow.stage` = 'model'", order_by=["start_time DESC"]
+    )[0]  # this repro's model run (the built copy's own first model came before it, without a head)
+    assert newest.data.metrics["size_head_error"] == error
     image = sorted((repo_copy / "data/images").iterdir())[0]
     for extra in ([], ["--diameter", "9"]):
         out = run(

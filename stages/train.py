@@ -28,8 +28,8 @@ from segflow.data.samples import load_samples
 from segflow.release import tracking
 from segflow.runtime import set_threads
 from segflow.train import distributed
-from segflow.train.checkpoints import checkpoint_info
-from segflow.train.epochs import run_summary, train_seconds, without_timings
+from segflow.train.checkpoints import size_head_metrics
+from segflow.train.epochs import curve_rows, run_summary, train_seconds, without_timings
 from segflow.train.loop import train_model
 from segflow.train.resume import discard
 
@@ -86,17 +86,12 @@ def _fit_and_log(params, train, val, out, parent_id: str) -> tuple[dict, float]:
     on_epoch = tracking.epoch_logger(parent_id)
     history = train_model(params, train, val, out / "model.pt", on_epoch=on_epoch, resume_path=RESUME)
     tracking.tag_model_run(parent_id, out)
-    # The model's row in `mlflow ui`: training time, and how far the size head's estimates stray
-    # on images it was not fitted on (leave-one-image-out mean |log error|), when it has one.
-    head = {k: round(v, 4) for k, v in checkpoint_info(out / "model.pt").items() if k == "size_head_error"}
+    head = size_head_metrics(out / "model.pt")  # beside training time on the model's row in `mlflow ui`
     tracking.log_to_parent(parent_id, metrics={"train_seconds": train_seconds(history)} | head)
     write_json(out / "history.json", without_timings(history))
     summary = run_summary(history, params.train.epochs) | head | {"data_hash": data_hash(SPLIT)}
     write_json(out / "summary.json", summary)
-    columns = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
-    write_csv(
-        CURVES, [{k: round(r[k], 6) if isinstance(r[k], float) else r[k] for k in columns} for r in history]
-    )
+    write_csv(CURVES, curve_rows(history))
     mlflow.log_artifact(str(CURVES), "plots")
     return summary, train_seconds(history)
 

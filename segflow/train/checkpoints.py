@@ -65,6 +65,13 @@ def checkpoint_info(path: str | Path) -> dict:
     return {k: v for k, v in payload.items() if k not in ("format", "preprocessing", "state_dict")}
 
 
+def size_head_metrics(path: str | Path) -> dict[str, float]:
+    """{"size_head_error": its leave-one-image-out mean |log error|} for a checkpoint with a
+    size head (the model's row in `mlflow ui`, artifacts/model/summary.json); {} without one."""
+    error = checkpoint_info(path).get("size_head_error")
+    return {} if error is None else {"size_head_error": round(error, 4)}
+
+
 def add_size_head(path: Path, samples: list) -> None:
     """Fit a size head (segflow.train.sizehead) for the checkpoint's network on `samples` and
     save it into the checkpoint, its output named in the preprocessing contract, and its

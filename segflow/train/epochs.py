@@ -145,3 +145,9 @@ def train_seconds(history: list[dict]) -> float:
 def without_timings(history: list[dict]) -> list[dict]:
     """Epoch records as DVC tracks them (artifacts/model/history.json): no wall-clock times."""
     return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def curve_rows(history: list[dict]) -> list[dict]:
+    """The learning curves DVC plots (train_curves.csv): one row per epoch, rounded."""
+    columns = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
+    return [{k: round(r[k], 6) if isinstance(r[k], float) else r[k] for k in columns} for r in history]

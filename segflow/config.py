@@ -340,6 +340,11 @@ class InferenceParams(_Section):
     seed_prominence_grid: list[float] = [0.0]  # e.g. [0, 0.1, 0.2]: 0 compares threshold seeds
     min_area_grid: list[int] = [0, 16, 32, 64]
     tune_metric: Literal["ap", "ap50", "dice"] = "ap"  # ap = COCO mask AP50:95
+    # Distance models, with tune: after the thresholds are chosen, fit a logistic regression on
+    # the validation objects (matched to an annotated one at IoU 0.5 or not) over features the
+    # maps give (segflow.core.objects.SCORE_FEATURES) and rank objects by it: AP pools objects
+    # over images, so a confident false object anywhere costs. false: the distance rule.
+    learned_score: bool = False
 
     @field_validator("threshold_grid", "seed_threshold_grid")
     @classmethod
@@ -392,6 +397,17 @@ class InferenceParams(_Section):
         if not grid or min(grid) < 0:
             raise ValueError(f"need at least one area >= 0 (pixels), got {grid}")
         return sorted(set(grid))
+
+    @model_validator(mode="after")
+    def _learned_score_needs_distance(self) -> InferenceParams:
+        if self.learned_score and self.instances != "distance":
+            raise ValueError(
+                f"learned_score weighs features of the distance map; it needs instances: distance "
+                f"(here {self.instances}), or set learned_score: false"
+            )
+        if self.learned_score and not self.tune:
+            raise ValueError("learned_score is fitted on validation while tuning; it needs tune: true")
+        return self
 
     @model_validator(mode="after")
     def _tiles_fit(self) -> InferenceParams:

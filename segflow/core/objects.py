@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from segflow.core.masks import id_dtype
+from segflow.errors import UserError
 
 # Distinct outline colours (RGB), cycled by object id so touching objects differ.
 PALETTE = np.array(
@@ -61,10 +62,16 @@ def label_instances(mask: np.ndarray) -> np.ndarray:
 
 
 def object_scores(
-    instances: np.ndarray, probability: np.ndarray, centres: np.ndarray | None = None
+    instances: np.ndarray,
+    probability: np.ndarray,
+    centres: np.ndarray | None = None,
+    scorer: dict | None = None,
 ) -> dict[int, float]:
     """Each object's confidence in [0, 1]: what AP ranks objects by, and the answer's `score`.
 
+    With `scorer` (Preprocessing.object_score, fitted on validation by
+    segflow.evaluate.objectscore): the logistic regression it holds over object_features, an
+    estimate of the chance the object matches a real one (IoU 0.5). Otherwise a rule.
     Distance models (`centres` given): the geometric mean of the predicted distance map's peak
     inside the object (how sure the model is that it has a centre) and its mean over it (how
     much of it the model sees as interior rather than rim). Other models: the mean
@@ -78,7 +85,11 @@ def object_scores(
         instances: (H, W) uint16 instance ids.
         probability: (H, W) float32 probability of each pixel's predicted class.
         centres: (H, W) float32 distance map in [0, 1] (Prediction.centres), or None.
+        scorer: a fitted object score (see check_scorer), or None for the rule.
     """
+    if scorer is not None:
+        ids, features = object_features(instances, probability, centres)
+        return dict(zip(ids.tolist(), learned_scores(features, scorer).tolist(), strict=True))
     areas = np.bincount(instances.ravel())
     ids = np.flatnonzero(areas[1:]) + 1
     values = probability if centres is None else centres
@@ -86,6 +97,83 @@ def object_scores(
     if centres is not None:
         means = np.sqrt(means * ndi.maximum(centres, instances, ids))
     return {int(i): float(m) for i, m in zip(ids, means, strict=True)}
+
+
+# What a learned object score weighs, in this order (names as preprocessing.json lists them).
+# None depends on the object's size in pixels, so one fit serves images whose objects were
+# rescaled differently (train.diameter) and images of any magnification.
+SCORE_FEATURES = (
+    "log_centre_mean",  # log of the distance map's mean over the object: interior, not rim
+    "log_centre_peak",  # log of its peak: a centre the model is sure of
+    "probability_mean",  # mean P(foreground) over the object
+    "solidity",  # area / convex hull area: merged and torn objects are concave
+    "shared_outline",  # share of the outline bordering another object: pieces of one nucleus
+    "outline_probability",  # mean P(foreground) on the outline: a crisp edge or a faint one
+)
+
+
+def object_features(
+    instances: np.ndarray, probability: np.ndarray, centres: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The SCORE_FEATURES of every object of a distance model's prediction.
+
+    Returns:
+        (N,) int64 object ids in ascending order and (N, len(SCORE_FEATURES)) float64 features.
+    """
+    from skimage.measure import regionprops  # only learned scores need it: keep startup light
+
+    if centres is None:
+        raise UserError(
+            "a learned object score needs a distance model (inference.instances: distance); "
+            "set inference.learned_score: false for this model"
+        )
+    labels = instances.astype(np.int64, copy=False)
+    ids = np.flatnonzero(np.bincount(labels.ravel())[1:]) + 1
+    if not len(ids):
+        return ids, np.zeros((0, len(SCORE_FEATURES)))
+    outline = outline_pixels(instances)
+    padded = np.pad(labels, 1)
+    touching = np.zeros(instances.shape, bool)  # outline pixels with a 4-neighbour of another object
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        near = padded[dy : dy + labels.shape[0], dx : dx + labels.shape[1]]
+        touching |= (near != labels) & (near > 0) & (labels > 0)
+    n_outline = np.maximum(ndi.sum_labels(outline, labels, ids), 1)
+    solidity = {r.label: r.solidity for r in regionprops(labels)}
+    columns = [
+        np.log(ndi.mean(centres, labels, ids) + 1e-3),
+        np.log(ndi.maximum(centres, labels, ids) + 1e-3),
+        ndi.mean(probability, labels, ids),
+        np.array([solidity[i] for i in ids.tolist()]),
+        ndi.sum_labels(touching, labels, ids) / n_outline,
+        ndi.sum_labels(np.where(outline, probability, 0.0), labels, ids) / n_outline,
+    ]
+    return ids, np.column_stack(columns).astype(np.float64)
+
+
+def learned_scores(features: np.ndarray, scorer: dict) -> np.ndarray:
+    """(N, F) object_features -> (N,) float64 in [0, 1]: the scorer's logistic regression."""
+    check_scorer(scorer)
+    z = (features - np.asarray(scorer["mean"])) / np.asarray(scorer["scale"])
+    return 1.0 / (1.0 + np.exp(-(z @ np.asarray(scorer["weights"]) + scorer["bias"])))
+
+
+def check_scorer(scorer: dict) -> None:
+    """Raise UserError unless `scorer` is a logistic regression over SCORE_FEATURES: keys
+    features (the names, in order), mean and scale (standardisation) and weights (one per
+    feature), and bias."""
+    missing = [k for k in ("features", "mean", "scale", "weights", "bias") if k not in scorer]
+    if missing:
+        raise UserError(
+            f"object_score in preprocessing.json lacks {', '.join(missing)}; re-run `dvc repro evaluate`"
+        )
+    if list(scorer["features"]) != list(SCORE_FEATURES):
+        raise UserError(
+            f"object_score in preprocessing.json weighs {list(scorer['features'])}, but this segflow "
+            f"computes {list(SCORE_FEATURES)}; re-run `dvc repro evaluate export` to fit it again"
+        )
+    n = len(SCORE_FEATURES)
+    if not all(len(scorer[k]) == n for k in ("mean", "scale", "weights")):
+        raise UserError(f"object_score in preprocessing.json needs {n} values in mean, scale and weights")
 
 
 def _object_score(
@@ -98,7 +186,11 @@ def _object_score(
 
 
 def describe_objects(
-    instances: np.ndarray, mask: np.ndarray, probability: np.ndarray, centres: np.ndarray | None = None
+    instances: np.ndarray,
+    mask: np.ndarray,
+    probability: np.ndarray,
+    centres: np.ndarray | None = None,
+    scorer: dict | None = None,
 ) -> list[SegmentedObject]:
     """One SegmentedObject per instance id, in id order.
 
@@ -107,9 +199,12 @@ def describe_objects(
         mask: (H, W) uint8 class ids.
         probability: (H, W) float32 probability of each pixel's predicted class.
         centres: (H, W) float32 distance map of distance models, or None (see object_scores).
+        scorer: a learned object score (Preprocessing.object_score), or None for the rule.
     """
     if not instances.size or not instances.any():
         return []
+    # A learned score weighs features of all objects at once; the rule reads each object's box.
+    learned = object_scores(instances, probability, centres, scorer) if scorer is not None else None
     objects = []
     # One bounding box per id (None for an id not present) in one C pass; each object's
     # quantities then come from its own box, a few dozen pixels, not from the whole image.
@@ -121,7 +216,10 @@ def describe_objects(
         crop = inside.view(np.uint8)
         area = cv2.countNonZero(crop)
         first = np.unravel_index(int(np.argmax(crop)), crop.shape)  # first pixel, row-major
-        score = _object_score(probability[box], None if centres is None else centres[box], inside, area)
+        if learned is not None:
+            score = learned[obj_id]
+        else:
+            score = _object_score(probability[box], None if centres is None else centres[box], inside, area)
         y0, x0 = box[0].start, box[1].start
         objects.append(
             SegmentedObject(

@@ -34,6 +34,8 @@ class Prediction:
     # sure the model is of its centre, so objects are scored by it (objects.object_scores).
     # None for watershed models: their interior probability is near 1 inside every object.
     centres: np.ndarray | None = None
+    # A learned object score (Preprocessing.object_score) that ranks its objects, or None: the rule.
+    object_score: dict | None = None
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -74,7 +76,7 @@ def to_prediction(logit: np.ndarray, prep: Preprocessing, scale: float = 1.0) ->
         interior, instances = None, label_instances(mask)
     logits = semantic[0] if semantic.shape[0] == 1 else semantic
     centres = interior if prep.instances == "distance" else None
-    prediction = Prediction(logits, probability, mask, instances, interior, centres)
+    prediction = Prediction(logits, probability, mask, instances, interior, centres, prep.object_score)
     return without_small_objects(prediction, prep.min_area, scale)
 
 

@@ -29,6 +29,7 @@ POSTPROCESS_FIELDS = (
     "diameter",
     "diameter_choices",
     "tta",
+    "object_score",
 )
 
 
@@ -69,6 +70,9 @@ class Preprocessing:
     # auto: multipliers of the estimate also tried; the most solid objects win ([1.0]: the estimate)
     diameter_choices: list[float] = field(default_factory=lambda: [1.0])
     tta: str = "none"  # test-time augmentation: none | flips | d4 (segflow.core.tta)
+    # Distance models: a logistic regression over each object's features (segflow.core.objects)
+    # that ranks objects, fitted on validation with inference.learned_score; None: the rule.
+    object_score: dict | None = None
     input_name: str = "image"
     output_name: str = "logits"
     # The model's size head, if it has one: the output giving each input's log(object diameter

@@ -165,7 +165,7 @@ def run_fold(
     chosen = {
         k: getattr(prep, k)
         for k in ("threshold", "seed_threshold", "seed_prominence", "min_area", "tta", "diameter_choices")
-    }
+    } | {"object_score": "learned" if prep.object_score else "rule"}
     # Each fold's result as it lands: a run of an hour shows early where it is heading.
     minutes = (time.perf_counter() - started) / 60
     for scale in params.crossval.scales:

@@ -129,15 +129,7 @@ def object_errors(truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
       object the annotators left out).
     One spanning several annotated objects is neither: they count it, as merged.
     """
-    t, p = truth.ravel(), prediction.ravel()
-    if (int(t.max(initial=0)) + 1) * (int(p.max(initial=0)) + 1) > 2**24:
-        t, p = sequential_ids(t), sequential_ids(p)  # sparse ids (a few numbered up to 65,535)
-    t, p = t.astype(np.int64), p.astype(np.int64)
-    n_t, n_p = int(t.max(initial=0)) + 1, int(p.max(initial=0)) + 1
-    overlap = np.bincount(t * n_p + p, minlength=n_t * n_p).reshape(n_t, n_p)  # pixels per id pair
-    area_t, area_p = overlap.sum(1), overlap.sum(0)
-    inside = overlap[1:, 1:]  # object pairs, background left out
-    iou = inside / np.maximum(area_t[1:, None] + area_p[None, 1:] - inside, 1)
+    area_t, area_p, inside, iou = _overlaps(truth, prediction)
     true_ids = np.flatnonzero(area_t[1:])  # ids that occur (0-based into inside)
     pred_ids = np.flatnonzero(area_p[1:])
     errors = dict.fromkeys(ERROR_KINDS, 0)
@@ -159,6 +151,39 @@ def object_errors(truth: np.ndarray, prediction: np.ndarray) -> dict[str, int]:
             errors["unannotated"] += 1
         # else it spans several annotated objects: those count it, as merged
     return errors
+
+
+def best_overlaps(truth: np.ndarray, prediction: np.ndarray) -> dict[int, float]:
+    """Each predicted object's largest IoU with an annotated one (0.0 if it overlaps none).
+
+    Args:
+        truth: (H, W) integer instance ids, 0 = background.
+        prediction: (H, W) integer instance ids of the same shape.
+
+    Returns:
+        {prediction id: IoU}, for the ids present in `prediction`.
+    """
+    present = np.unique(prediction)
+    present = present[present > 0]
+    # Numbered 1..n, the columns of _overlaps' IoU are the present ids in order.
+    iou = _overlaps(truth, sequential_ids(prediction))[3]
+    return {int(i): float(v) for i, v in zip(present, iou.max(axis=0, initial=0.0), strict=True)}
+
+
+def _overlaps(truth: np.ndarray, prediction: np.ndarray):
+    """What object_errors and best_overlaps read from the pixel counts of every (annotated,
+    predicted) id pair: annotated areas, predicted areas (by id, 0 = background), the counts
+    of object pairs (background left out) and their IoU."""
+    t, p = truth.ravel(), prediction.ravel()
+    if (int(t.max(initial=0)) + 1) * (int(p.max(initial=0)) + 1) > 2**24:
+        t, p = sequential_ids(t), sequential_ids(p)  # sparse ids (a few numbered up to 65,535)
+    t, p = t.astype(np.int64), p.astype(np.int64)
+    n_t, n_p = int(t.max(initial=0)) + 1, int(p.max(initial=0)) + 1
+    overlap = np.bincount(t * n_p + p, minlength=n_t * n_p).reshape(n_t, n_p)  # pixels per id pair
+    area_t, area_p = overlap.sum(1), overlap.sum(0)
+    inside = overlap[1:, 1:]  # object pairs, background left out
+    iou = inside / np.maximum(area_t[1:, None] + area_p[None, 1:] - inside, 1)
+    return area_t, area_p, inside, iou
 
 
 def error_totals(counts: list[dict]) -> dict[str, int]:

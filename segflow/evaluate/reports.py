@@ -123,7 +123,8 @@ class EvaluationReport:
         lines = [
             f"evaluate: threshold {self.prep.threshold}, seed threshold {self.prep.seed_threshold}"
             f"{_prominence(self.prep)}, "
-            f"min area {self.prep.min_area}, tta {self.prep.tta}{_sizes(self.prep)} ({how})",
+            f"min area {self.prep.min_area}, tta {self.prep.tta}{_sizes(self.prep)}"
+            f"{', learned object score' if self.prep.object_score else ''} ({how})",
             "  {:<12} {:>6} {:>7} {:>7} {:>7} {:>7} {:>9}".format(*header),
         ]
         named = [(name, s.summary) for name, s in self.scores.items()]

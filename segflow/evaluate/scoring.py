@@ -61,7 +61,7 @@ def score_predictions(
     for p, s in zip(predictions, samples, strict=True):
         row = {"split": split, "image": s.id, **image_scores(class_confusions(p.mask, s.mask, len(classes)))}
         if s.instances is not None:
-            confidences = object_scores(p.instances, p.probability, p.centres)
+            confidences = object_scores(p.instances, p.probability, p.centres, p.object_score)
             row |= image_instance_scores(s.instances, p.instances, confidences)
         rows.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
     ap_by_iou = None
@@ -87,7 +87,7 @@ def _object_summary(predictions: list[Prediction], samples: list[Sample], classe
     return instance_summary(
         [s.instances for s in samples],
         [p.instances for p in predictions],
-        scores=[object_scores(p.instances, p.probability, p.centres) for p in predictions],
+        scores=[object_scores(p.instances, p.probability, p.centres, p.object_score) for p in predictions],
         truth_classes=[s.mask for s in samples] if multi else None,
         pred_classes=[p.mask for p in predictions] if multi else None,
         classes=classes,
@@ -170,7 +170,8 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
     sorts both grids by cost). Without it, params.inference (tta included) is used as is.
     The segmenter's prep is left as chosen.
     """
-    base = segmenter.prep.with_postprocess(cfg.model_dump())  # params.inference as it is now
+    # params.inference as it is now; thresholds are tuned under the distance rule's ranking
+    base = replace(segmenter.prep.with_postprocess(cfg.model_dump()), object_score=None)
     if not cfg.tune:
         (logits, scales), seconds = _timed_logits(segmenter, base, val)
         return Tuning(base, [], logits, scales, {base.tta: seconds}, base)
@@ -187,8 +188,32 @@ def choose_postprocessing(segmenter: Segmenter, val: list[Sample], cfg: Inferenc
         log.info("%s: best val %s %.4f, %.0f ms per image", name, metric, top[metric], 1000 * timings[name])
         if best_score is None or score > best_score:
             best_score, best = score, (prep, logits, scales, views)
-    segmenter.prep = best[0]
-    return Tuning(best[0], grid, best[1], best[2], timings, best[3])
+    prep = best[0]
+    if cfg.learned_score:
+        prep = _with_learned_score(prep, best[1], best[2], val)
+    segmenter.prep = prep
+    return Tuning(prep, grid, best[1], best[2], timings, best[3])
+
+
+def _with_learned_score(
+    prep: Preprocessing, logits: list[np.ndarray], scales: list[float], val: list[Sample]
+) -> Preprocessing:
+    """`prep` with an object score fitted on the validation objects it gives (evaluate.objectscore);
+    unchanged where the objects allow no fit. Logs val AP50 and AP under both rankings."""
+    from segflow.evaluate.objectscore import fit_object_score
+
+    predictions = [to_prediction(y, prep, a) for y, a in zip(logits, scales, strict=True)]
+    fitted = fit_object_score(predictions, val)
+    if fitted is None:
+        return prep
+    learned = replace(prep, object_score=fitted)
+    before = _object_summary(predictions, val, list(prep.classes))
+    after = _object_summary([replace(p, object_score=fitted) for p in predictions], val, list(prep.classes))
+    log.info(
+        "val AP50 %.4f -> %.4f, AP %.4f -> %.4f with the learned object score (fitted on these objects)",
+        before["ap50"], after["ap50"], before["ap"], after["ap"],
+    )  # fmt: skip
+    return learned
 
 
 def val_as_served(
@@ -202,7 +227,8 @@ def val_as_served(
     the chosen ones. Where those differ, val is run once more, so its scores describe what is
     served (the segmenter's prep is left as chosen); elsewhere the tuning's logits are exactly that.
     """
-    if not sizes_estimated(tuning.prep) or tuning.computed_with == tuning.prep:
+    # The object score ranks objects; it changes none, nor any size estimate.
+    if not sizes_estimated(tuning.prep) or tuning.computed_with == replace(tuning.prep, object_score=None):
         return tuning.logits, tuning.scales
     segmenter.prep = tuning.prep
     return segmenter.scaled_logits([s.image for s in val])

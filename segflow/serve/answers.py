@@ -54,7 +54,9 @@ def answer(
     mask = prediction.mask
     objects = [
         _object_json(obj, classes)
-        for obj in describe_objects(prediction.instances, mask, prediction.probability, prediction.centres)
+        for obj in describe_objects(
+            prediction.instances, mask, prediction.probability, prediction.centres, prediction.object_score
+        )
     ]
     if measurements:
         rows = {row.pop("id"): row for row in measure_objects(prediction.instances, mask, image, classes)}

@@ -125,11 +125,14 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
 
 def test_a_size_normalised_distance_model_exports_and_predicts(repo_copy: Path):
     _set(repo_copy, {"train.diameter": 12, "train.augment.scale": 0.2, "inference.instances": "distance",
-                     "inference.tta_grid": ["none", "flips"]})  # fmt: skip
+                     "inference.tta_grid": ["none", "flips"], "inference.learned_score": True})  # fmt: skip
     log = run(["dvc", "repro", "export"], repo_copy)
     assert "model time per val image by tta: none" in log.stdout
     prep = json.loads((repo_copy / "artifacts/export/preprocessing.json").read_text())
     assert prep["instances"] == "distance" and prep["train_diameter"] == 12
+    # The tiny model matches too few val objects to fit an object score: it says so and keeps
+    # the rule (tests/unit/test_object_score.py fits one and follows it to preprocessing.json).
+    assert "so the distance rule stays" in log.stderr and prep["object_score"] is None
     assert prep["data_diameter"] > 0 and prep["diameter"] == "auto" and prep["tta"] in ("none", "flips")
     assert json.loads((repo_copy / "artifacts/export/parity.json").read_text())["max_abs_diff"] <= 1e-4
     # Its size head, and how far it strays on images it was not fitted on, beside the model's row.

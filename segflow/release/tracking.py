@@ -246,7 +246,28 @@ def log_datasets(split_dir: Path, splits: tuple[str, ...]) -> None:
             dataset = mlflow.data.from_pandas(
                 pd.read_csv(path), source=path.as_posix(), name=split, digest=file_sha256(path)[:16]
             )
-            mlflow.log_input(dataset, context=split)  # infers the schema: the hint comes here
+            _log_input(dataset, split)  # infers the schema: the hint comes here
+
+
+def _log_input(dataset, split: str) -> None:
+    """Log one dataset input, once more if another run created the same dataset meanwhile.
+
+    The store looks for the (experiment, name, digest) dataset and inserts it when missing,
+    without a lock: two queued experiments on the same split (`dvc queue start -j 2`) can both
+    miss it and the second insert is refused by the store's unique key. Nothing was written by
+    the refused call, and on the second try the store finds the dataset and only links it.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.log_input(dataset, context=split)
+    except MlflowException as exc:
+        message = str(exc).lower()
+        if "unique" not in message and "duplicate" not in message:
+            raise
+        log.info("dataset %r was logged by another run meanwhile; linking it to this run", split)
+        mlflow.log_input(dataset, context=split)
 
 
 def file_sha256(path: Path) -> str:

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from segflow.paths import repo_root, store_root
@@ -250,24 +250,31 @@ def log_datasets(split_dir: Path, splits: tuple[str, ...]) -> None:
 
 
 def _log_input(dataset, split: str) -> None:
-    """Log one dataset input, once more if another run created the same dataset meanwhile.
-
-    The store looks for the (experiment, name, digest) dataset and inserts it when missing,
-    without a lock: two queued experiments on the same split (`dvc queue start -j 2`) can both
-    miss it and the second insert is refused by the store's unique key. Nothing was written by
-    the refused call, and on the second try the store finds the dataset and only links it.
-    """
     import mlflow
+
+    # The store looks for the (experiment, name, digest) dataset and inserts it when missing.
+    once_more_if_raced(lambda: mlflow.log_input(dataset, context=split), f"dataset {split!r}")
+
+
+def once_more_if_raced(write: Callable[[], object], what: str) -> None:
+    """Run a store write; once more if its insert lost a race with another run's same insert.
+
+    Several MLflow writes (a run's dataset input, a registered model's alias) look for a row and
+    insert it when missing, without a lock: two queued experiments against one store (`dvc queue
+    start -j 2`, a team server) can both miss it, and the store's unique key refuses the second
+    insert. The refused write changed nothing; tried again it finds the row and links or
+    updates it. Any other error, or a second refusal, is raised.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
-        mlflow.log_input(dataset, context=split)
+        write()
     except MlflowException as exc:
         message = str(exc).lower()
         if "unique" not in message and "duplicate" not in message:
             raise
-        log.info("dataset %r was logged by another run meanwhile; linking it to this run", split)
-        mlflow.log_input(dataset, context=split)
+        log.info("%s was written by another run meanwhile; writing it once more", what)
+        write()
 
 
 def file_sha256(path: Path) -> str:
@@ -434,7 +441,10 @@ def register_onnx(
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
-    client.set_registered_model_alias(registered_name, "challenger", version)
+    # Two exports at once: the later one's version stays the challenger, as without the race.
+    once_more_if_raced(
+        lambda: client.set_registered_model_alias(registered_name, "challenger", version), "alias challenger"
+    )
     # The file's hash is how promote finds this version again (no version number in DVC's outputs).
     keys = {
         ONNX_KEY_TAG: file_sha256(onnx_path),

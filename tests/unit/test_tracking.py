@@ -118,3 +118,40 @@ def test_an_experiment_another_run_created_meanwhile_is_used_not_an_error(store,
     monkeypatch.setattr(mlflow, "get_experiment_by_name", before_the_other_run_created_it)
     assert tracking.use_experiment("segflow-race") == other
     assert mlflow.get_experiment(other).name == "segflow-race"
+
+
+def test_a_write_refused_by_a_unique_key_is_tried_once_more_and_other_errors_are_not():
+    """The store's refusal of a lost get-or-create race (as PostgreSQL words it, measured in
+    test_team_server: a dataset input and the challenger alias) costs one more try; any other
+    error, or a second refusal, reaches the user. The race itself needs two processes against
+    a server: tests/pipeline/test_team_server.py runs it for real."""
+    from mlflow.exceptions import MlflowException
+
+    refusal = 'duplicate key value violates unique constraint "registered_model_alias_pk"'
+    tries = []
+
+    def lost_the_race_once():
+        tries.append(1)
+        if len(tries) == 1:
+            raise MlflowException(refusal)
+
+    tracking.once_more_if_raced(lost_the_race_once, "alias challenger")
+    assert len(tries) == 2
+
+    def refused_always():
+        tries.append(1)
+        raise MlflowException(refusal)
+
+    tries.clear()
+    with pytest.raises(MlflowException, match="unique constraint"):
+        tracking.once_more_if_raced(refused_always, "alias challenger")
+    assert len(tries) == 2
+
+    def broken():
+        tries.append(1)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: Registered Model with name=x not found")
+
+    tries.clear()
+    with pytest.raises(MlflowException, match="not found"):
+        tracking.once_more_if_raced(broken, "alias challenger")
+    assert len(tries) == 1

@@ -246,14 +246,12 @@ def log_datasets(split_dir: Path, splits: tuple[str, ...]) -> None:
             dataset = mlflow.data.from_pandas(
                 pd.read_csv(path), source=path.as_posix(), name=split, digest=file_sha256(path)[:16]
             )
-            _log_input(dataset, split)  # infers the schema: the hint comes here
-
-
-def _log_input(dataset, split: str) -> None:
-    import mlflow
-
-    # The store looks for the (experiment, name, digest) dataset and inserts it when missing.
-    once_more_if_raced(lambda: mlflow.log_input(dataset, context=split), f"dataset {split!r}")
+            # Infers the schema (the hint comes here); the store looks the (experiment, name,
+            # digest) dataset up and inserts it when missing, a race between queued runs.
+            once_more_if_raced(
+                lambda dataset=dataset, split=split: mlflow.log_input(dataset, context=split),
+                f"dataset {split!r}",
+            )
 
 
 def once_more_if_raced(write: Callable[[], object], what: str) -> None:

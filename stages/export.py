@@ -23,7 +23,7 @@ from segflow.artifacts import (
 from segflow.config import load_params
 from segflow.core.preprocessing import normalize
 from segflow.data.samples import load_samples
-from segflow.release import tracking
+from segflow.release import registry, tracking
 from segflow.release.export import write_export
 from segflow.runtime import set_threads
 from segflow.serve.monitoring import REFERENCE_FILE
@@ -75,7 +75,7 @@ def _register(cfg, parent_id: str, out, prep, test, tags: dict, test_scores: dic
     example = normalize(test[0].image, prep)[None, :, :64, :64]  # (1, C, 64, 64) float32
     version_tags = {**tags, "segflow.test_hash": read_json(SPLIT / "summary.json")["test_hash"]}
     version_tags |= {f"test_{k}": v for k, v in test_scores.items()}
-    return tracking.register_onnx(
+    return registry.register_onnx(
         parent_id,
         out / "model.onnx",
         out / "preprocessing.json",

@@ -28,7 +28,7 @@ from segflow.artifacts import (
     write_json,
 )
 from segflow.config import GATE_METRICS, Params
-from segflow.release import bento, kubernetes, stores, tracking
+from segflow.release import bento, kubernetes, registry, stores, tracking
 from segflow.release.gate import (
     CHAMPION,
     Decision,
@@ -94,9 +94,9 @@ def _decide(client, params: Params, holder) -> tuple[dict, Decision]:
     candidate = _gate_metrics(read_json(REPORTS / "metrics.json")["test"])
     test_hash = read_json(SPLIT / "summary.json")["test_hash"]
     same_files = {
-        tracking.ONNX_KEY_TAG: onnx_sha256,
-        tracking.PREP_KEY_TAG: prep_sha256,
-        tracking.INT8_KEY_TAG: tracking.optional_sha256(EXPORT / INT8_FILE),
+        registry.ONNX_KEY_TAG: onnx_sha256,
+        registry.PREP_KEY_TAG: prep_sha256,
+        registry.INT8_KEY_TAG: registry.optional_sha256(EXPORT / INT8_FILE),
     }
     if holder is not None and all(holder.tags.get(k) == v for k, v in same_files.items()):
         # Deterministic training re-exports the same file as a new version after a code edit
@@ -106,7 +106,7 @@ def _decide(client, params: Params, holder) -> tuple[dict, Decision]:
     if holder is not None and str(holder.version) != version:
         champion = {
             "version": str(holder.version),
-            "onnx_sha256": holder.tags.get(tracking.ONNX_KEY_TAG),
+            "onnx_sha256": holder.tags.get(registry.ONNX_KEY_TAG),
             **_champion_metrics(client, holder, test_hash, params),
         }
     cfg = params.promote
@@ -208,7 +208,7 @@ def reproducible(report: dict) -> dict:
 
 def _candidate_version(client, name: str) -> str:
     """The registered version holding artifacts/export/model.onnx, found by the file's hash."""
-    version = tracking.find_registered_version(
+    version = registry.find_registered_version(
         client, name, EXPORT / "model.onnx", EXPORT / "preprocessing.json"
     )
     if version is None:

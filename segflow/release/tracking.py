@@ -11,7 +11,7 @@ Layout in the store:
 Nothing run-specific is written into DVC-tracked outputs (two clones reproduce identical
 files): evaluate and export find their model's parent run by the sha256 of the weights it
 produced (tag `segflow.model_sha256`), and promote finds the registered version of the
-exported file by its sha256 (tag `segflow.onnx_sha256`). A model restored from DVC's cache
+exported file by its sha256 (tag `segflow.onnx_sha256`, registry.py). A model restored from DVC's cache
 or a remote into another store simply starts a new parent run there.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -33,12 +32,6 @@ DATA_EXPERIMENT = "segflow-data"
 CROSSVAL_EXPERIMENT = "segflow-crossval"
 MODEL_FILE = "model.pt"  # in artifacts/model: the weights whose hash names the parent run
 MODEL_KEY_TAG = "segflow.model_sha256"  # on a model's parent run
-ONNX_KEY_TAG = "segflow.onnx_sha256"  # on a registered version: the exported file it holds
-# ... and its preprocessing.json: evaluate may change post-processing, TTA or the diameter
-# setting while the network (and so the ONNX file) stays byte-identical.
-PREP_KEY_TAG = "segflow.preprocessing_sha256"
-# ... and its INT8 variant ("none" without one): a new variant of the same network is news too.
-INT8_KEY_TAG = "segflow.int8_sha256"
 
 log = logging.getLogger(__name__)
 
@@ -314,26 +307,6 @@ def find_model_run(model_dir: Path) -> str | None:
     return runs[0].info.run_id
 
 
-def optional_sha256(path: Path | None) -> str:
-    """A file's sha256, or "none" when there is no such file (an optional model variant)."""
-    return file_sha256(path) if path is not None and path.is_file() else "none"
-
-
-def find_registered_version(client, name: str, onnx_path: Path, prep_path: Path | None = None) -> str | None:
-    """The newest registered version of `name` that holds exactly the file onnx_path (and,
-    given prep_path, that preprocessing.json: two exports of one network with other
-    post-processing are two versions), if any."""
-    wanted = {ONNX_KEY_TAG: file_sha256(onnx_path)}
-    if prep_path is not None:
-        wanted[PREP_KEY_TAG] = file_sha256(prep_path)
-    versions = [
-        v
-        for v in client.search_model_versions(f"name='{name}'")
-        if all(v.tags.get(key) == value for key, value in wanted.items())
-    ]
-    return str(max(int(v.version) for v in versions)) if versions else None
-
-
 def epoch_logger(parent_id: str):
     """A training `on_epoch` callback: each epoch's record on the train run and the model's row."""
     import mlflow
@@ -373,88 +346,3 @@ def flatten(prefix: str, data: dict) -> dict[str, object]:
         else:
             flat[name] = value
     return flat
-
-
-def onnx_requirements() -> list[str]:
-    """The pins a registered ONNX version needs to load as an MLflow pyfunc (MLflow adds its
-    own). The same list MLflow infers, read from this environment: its inference starts a
-    subprocess that imports the model's flavour (register_onnx took 8.8 s with it and 4.9 s
-    without, under cProfile, on the tests' tiny model)."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in ("numpy", "onnx", "onnxruntime")]
-
-
-def register_onnx(
-    parent_id: str,
-    onnx_path: Path,
-    preprocessing_path: Path,
-    input_example,
-    registered_name: str,
-    version_tags: dict[str, str],
-    extra_files: tuple[Path, ...] = (),
-    int8_path: Path | None = None,
-) -> dict:
-    """Log the ONNX model on the model's parent run and register it as `challenger`.
-
-    The model carries preprocessing.json (plus `extra_files`, e.g. the drift reference and
-    the INT8 variant, `int8_path`, whose hash is tagged too) as extra files and the
-    preprocessing in its metadata, so a registered version alone is enough to serve it.
-
-    Returns:
-        {"name", "version", "alias", "model_uri", "run_id"}.
-    """
-    import mlflow
-    import numpy as np
-    import onnx
-    from mlflow.models import ModelSignature
-    from mlflow.tracking import MlflowClient
-    from mlflow.types import Schema, TensorSpec
-
-    prep = json.loads(preprocessing_path.read_text())
-    proto = onnx.load(str(onnx_path))
-    # The logits' channels as exported: the classes' logits and, for seeded instances, one more.
-    channels_out = proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value
-    outputs = [TensorSpec(np.dtype("float32"), (-1, channels_out, -1, -1), prep["output_name"])]
-    if prep.get("size_output"):  # the size head's estimate, one per image
-        outputs.append(TensorSpec(np.dtype("float32"), (-1,), prep["size_output"]))
-    signature = ModelSignature(
-        inputs=Schema(
-            [TensorSpec(np.dtype("float32"), (-1, prep["in_channels"], -1, -1), prep["input_name"])]
-        ),
-        outputs=Schema(outputs),
-    )
-    with mlflow.start_run(run_id=parent_id):
-        info = mlflow.onnx.log_model(
-            onnx_model=proto,
-            name="model",
-            registered_model_name=registered_name,
-            signature=signature,
-            input_example=input_example,
-            extra_files=[str(preprocessing_path), *map(str, extra_files)],
-            metadata={"preprocessing": prep},
-            save_as_external_data=False,
-            onnx_execution_providers=["CPUExecutionProvider"],
-            pip_requirements=onnx_requirements(),
-        )
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    # Two exports at once: the later one's version stays the challenger, as without the race.
-    once_more_if_raced(
-        lambda: client.set_registered_model_alias(registered_name, "challenger", version), "alias challenger"
-    )
-    # The file's hash is how promote finds this version again (no version number in DVC's outputs).
-    keys = {
-        ONNX_KEY_TAG: file_sha256(onnx_path),
-        PREP_KEY_TAG: file_sha256(preprocessing_path),
-        INT8_KEY_TAG: optional_sha256(int8_path),
-    }
-    for key, value in {**version_tags, **keys}.items():
-        client.set_model_version_tag(registered_name, version, key, str(value))
-    return {
-        "name": registered_name,
-        "version": version,
-        "alias": "challenger",
-        "model_uri": f"models:/{registered_name}/{version}",
-        "run_id": parent_id,
-    }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from segflow.release import tracking
+from segflow.release import registry, tracking
 from segflow.release.promote import reproducible
 
 
@@ -63,24 +63,24 @@ def test_promote_finds_the_version_holding_exactly_this_file(store, tmp_path: Pa
     for content in (b"older", b"onnx bytes", b"newer"):
         version = store.create_model_version("m", source=str(tmp_path))
         digest = hashlib.sha256(content).hexdigest()
-        store.set_model_version_tag("m", version.version, tracking.ONNX_KEY_TAG, digest)
-    assert tracking.find_registered_version(store, "m", onnx) == "2"
+        store.set_model_version_tag("m", version.version, registry.ONNX_KEY_TAG, digest)
+    assert registry.find_registered_version(store, "m", onnx) == "2"
     # The same network exported again with other post-processing: matched by both files.
     prep = tmp_path / "preprocessing.json"
     prep.write_text('{"threshold": 0.45}')
     store.set_model_version_tag(
-        "m", "2", tracking.PREP_KEY_TAG, hashlib.sha256(b'{"threshold": 0.5}').hexdigest()
+        "m", "2", registry.PREP_KEY_TAG, hashlib.sha256(b'{"threshold": 0.5}').hexdigest()
     )
     version = store.create_model_version("m", source=str(tmp_path)).version
     store.set_model_version_tag(
-        "m", version, tracking.ONNX_KEY_TAG, hashlib.sha256(b"onnx bytes").hexdigest()
+        "m", version, registry.ONNX_KEY_TAG, hashlib.sha256(b"onnx bytes").hexdigest()
     )
-    store.set_model_version_tag("m", version, tracking.PREP_KEY_TAG, tracking.file_sha256(prep))
-    assert tracking.find_registered_version(store, "m", onnx, prep) == "4"
+    store.set_model_version_tag("m", version, registry.PREP_KEY_TAG, tracking.file_sha256(prep))
+    assert registry.find_registered_version(store, "m", onnx, prep) == "4"
     prep.write_text('{"threshold": 0.5}')
-    assert tracking.find_registered_version(store, "m", onnx, prep) == "2"
+    assert registry.find_registered_version(store, "m", onnx, prep) == "2"
     onnx.write_bytes(b"never registered")
-    assert tracking.find_registered_version(store, "m", onnx) is None
+    assert registry.find_registered_version(store, "m", onnx) is None
 
 
 def test_the_tracked_report_drops_what_differs_between_stores():

@@ -89,15 +89,10 @@ def _decide(client, params: Params, holder) -> tuple[dict, Decision]:
     version, or None), and the report describing it."""
     name = params.export.registered_model_name
     version = _candidate_version(client, name)
-    onnx_sha256 = tracking.file_sha256(EXPORT / "model.onnx")
-    prep_sha256 = tracking.file_sha256(EXPORT / "preprocessing.json")
     candidate = _gate_metrics(read_json(REPORTS / "metrics.json")["test"])
     test_hash = read_json(SPLIT / "summary.json")["test_hash"]
-    same_files = {
-        registry.ONNX_KEY_TAG: onnx_sha256,
-        registry.PREP_KEY_TAG: prep_sha256,
-        registry.INT8_KEY_TAG: registry.optional_sha256(EXPORT / INT8_FILE),
-    }
+    same_files = registry.file_tags(EXPORT / "model.onnx", EXPORT / "preprocessing.json", EXPORT / INT8_FILE)
+    onnx_sha256 = same_files[registry.ONNX_KEY_TAG]
     if holder is not None and all(holder.tags.get(k) == v for k, v in same_files.items()):
         # Deterministic training re-exports the same file as a new version after a code edit
         # that changes nothing: the champion already holds this model, so nothing moves.

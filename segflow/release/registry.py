@@ -26,6 +26,16 @@ def optional_sha256(path: Path | None) -> str:
     return file_sha256(path) if path is not None and path.is_file() else "none"
 
 
+def file_tags(onnx_path: Path, prep_path: Path, int8_path: Path | None) -> dict[str, str]:
+    """The version tags naming the files an export holds: what register_onnx tags a version
+    with, and what promote compares with the champion's to see whether it holds this export."""
+    return {
+        ONNX_KEY_TAG: file_sha256(onnx_path),
+        PREP_KEY_TAG: file_sha256(prep_path),
+        INT8_KEY_TAG: optional_sha256(int8_path),
+    }
+
+
 def find_registered_version(client, name: str, onnx_path: Path, prep_path: Path | None = None) -> str | None:
     """The newest registered version of `name` that holds exactly the file onnx_path (and,
     given prep_path, that preprocessing.json: two exports of one network with other
@@ -110,12 +120,7 @@ def register_onnx(
         lambda: client.set_registered_model_alias(registered_name, "challenger", version), "alias challenger"
     )
     # The file's hash is how promote finds this version again (no version number in DVC's outputs).
-    keys = {
-        ONNX_KEY_TAG: file_sha256(onnx_path),
-        PREP_KEY_TAG: file_sha256(preprocessing_path),
-        INT8_KEY_TAG: optional_sha256(int8_path),
-    }
-    for key, value in {**version_tags, **keys}.items():
+    for key, value in {**version_tags, **file_tags(onnx_path, preprocessing_path, int8_path)}.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
     return {
         "name": registered_name,

@@ -10,7 +10,9 @@ reads the test split of the model train produced.
 Each fold's training keeps a resume state in artifacts/.resume/crossval/ (not a DVC output,
 like train's): an interrupted run continues where it stopped, and unlike train's state it is
 kept after the run, so a rerun that changes only what does not reach training (the
-inference grids, crossval.scales, crossval.subsets) retrains nothing.
+inference grids, crossval.scales, crossval.subsets) retrains nothing. Each finished fold's
+result is kept beside it (segflow.evaluate.foldstore), so a rerun retunes and rescores only
+the folds whose inference params, scales, images or code changed.
 """
 
 from __future__ import annotations

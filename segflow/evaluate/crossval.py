@@ -19,7 +19,6 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +26,12 @@ import pandas as pd
 
 from segflow.config import Params
 from segflow.core.inference import Segmenter
-from segflow.core.postprocessing import Prediction, to_prediction
+from segflow.core.postprocessing import to_prediction
 from segflow.core.sizes import median_diameter, resize_image, resize_labels, scaled_shape
 from segflow.data.samples import Sample, load_samples
 from segflow.errors import UserError
+from segflow.evaluate import foldstore
+from segflow.evaluate.foldstore import FoldResult
 from segflow.evaluate.instance_metrics import ERROR_KINDS, error_totals
 from segflow.evaluate.scoring import SplitScores, choose_postprocessing, score_predictions, sizes_estimated
 from segflow.train.checkpoints import checkpoint_segmenter
@@ -101,22 +102,6 @@ def rescaled(samples: list[Sample], scale: float) -> list[Sample]:
     return out
 
 
-@dataclass
-class FoldResult:
-    fold: int
-    scores: dict[float, dict]  # scale -> summary of the held-out images at that scale
-    rows: list[dict]  # per held-out image and scale
-    chosen: dict  # the post-processing and TTA chosen on the fold's validation images
-    epochs: int
-    train_seconds: float
-    # scale -> (held-out samples at that scale, their predictions), for pooled scores
-    held_out: dict[float, tuple[list[Sample], list[Prediction]]] = field(default_factory=dict)
-    # scale -> summary of the held-out images segmented at their true object diameter, for
-    # models that estimate sizes (known_diameter_scores); empty for the others
-    known: dict[float, dict] = field(default_factory=dict)
-    seed: int = 0  # the partition's seed (crossval.seeds, or base.seed)
-
-
 def run_fold(
     params: Params, samples: dict[int, list[Sample]], fold: int, workdir: Path, resume_dir: Path | None = None
 ) -> FoldResult:
@@ -125,13 +110,21 @@ def run_fold(
     With `resume_dir`, training keeps a resume state there (resume_dir/fold<i>.pt, see
     segflow.train.resume): an interrupted run continues the fold where it stopped, and a
     finished state whose fingerprint still matches (same base and train params, images,
-    fold and training code) gives its model back without training again. params.base.seed
-    is the partition's seed (with_seed): it seeds training and names the fold in the log.
+    fold and training code) gives its model back without training again. The fold's result
+    is kept there too (resume_dir/fold<i>.result.npz, see segflow.evaluate.foldstore): a
+    rerun whose inference params, scales, images and code still match takes it without
+    tuning or scoring again. params.base.seed is the partition's seed (with_seed): it seeds
+    training and names the fold in the log.
     """
     roles = fold_roles(fold, len(samples))
     train = [s for f in roles["train"] for s in samples[f]]
     val, held_out = samples[roles["val"][0]], samples[fold]
     seed = params.base.seed
+    if resume_dir is not None:
+        prints = foldstore.fingerprint(params, {"train": train, "val": val, "held_out": held_out})
+        earlier = _kept_result(params, fold, held_out, resume_dir, prints)
+        if earlier is not None:
+            return earlier
     log.info(
         "fold %d (seed %d): %d training, %d validation, %d held-out images",
         fold, seed, len(train), len(val), len(held_out),
@@ -174,7 +167,26 @@ def run_fold(
             "fold %d held-out, scale %g: %s%s (seed %d; %.1f min now; its model's training took %.1f min)",
             fold, scale, _brief(scores[scale]), at_true_size, seed, minutes, seconds / 60,
         )  # fmt: skip
-    return FoldResult(fold, scores, rows, chosen, len(history), seconds, kept, known, seed)
+    result = FoldResult(fold, scores, rows, chosen, len(history), seconds, kept, known, seed)
+    if resume_dir is not None:
+        foldstore.save_result(foldstore.result_path(resume_dir, fold), result, prints)
+    return result
+
+
+def _kept_result(
+    params: Params, fold: int, held_out: list[Sample], resume_dir: Path, prints: dict[str, str]
+) -> FoldResult | None:
+    """The fold's result as an earlier run kept it in resume_dir, if it still holds; else None."""
+    path = foldstore.result_path(resume_dir, fold)
+    scaled = {scale: rescaled(held_out, scale) for scale in params.crossval.scales}
+    result = foldstore.load_result(path, prints, scaled)
+    if result is not None:
+        for scale in params.crossval.scales:
+            log.info(
+                "fold %d held-out, scale %g: %s (seed %d; kept from an earlier run in %s)",
+                fold, scale, _brief(result.scores[scale]), params.base.seed, path,
+            )  # fmt: skip
+    return result
 
 
 def _brief(scores: dict) -> str:

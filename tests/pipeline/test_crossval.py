@@ -88,14 +88,15 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
     history = client.get_metric_history(cv_run.info.run_id, "fold_scale_1_ap50")
     assert [m.step for m in history] == [0, 1, 2]
 
-    # A change that never reaches training reruns the stage, which takes every fold's model
-    # from its kept resume state: no epoch trains, and the scores are the first run's.
+    # A change that reaches neither training nor any fold's scores reruns the stage, which
+    # takes every fold's result as the first run kept it: nothing trains, tunes or scores again.
     _set(repo_copy, {"crossval.subsets": {"two": ["cells_0000", "cells_0001"], "one": ["cells_0002"]}})
     again = run(["dvc", "repro", "crossval"], repo_copy)
     log = again.stdout + again.stderr
     assert "Running stage 'crossval'" in again.stdout
-    assert len(re.findall(r"resuming after the last epoch 1/1", log)) == 3
-    assert not re.search(r"epoch +1/1 +train_loss", log)  # nothing trained
+    assert len(re.findall(r"held-out, scale 1: ap50 [\d.]+.*kept from an earlier run", log)) == 3
+    assert not re.search(r"fold \d \(seed \d+\): \d+ training", log)  # no fold started
+    assert "resuming after" not in log and "training in" not in log  # no model loaded
     rerun = json.loads((repo_copy / "reports/crossval/summary.json").read_text())
     assert rerun["scale_1"]["per_fold"] == summary["scale_1"]["per_fold"]
     assert rerun["scale_1"]["subset_one"]["images"] == 1
@@ -106,7 +107,7 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
     _set(repo_copy, {"crossval.seeds": [seed, seed + 1]})
     repeated = run(["dvc", "repro", "crossval"], repo_copy)
     log = repeated.stdout + repeated.stderr
-    assert len(re.findall(r"resuming after the last epoch 1/1", log)) == 3
+    assert len(re.findall(r"held-out, scale 1: .*kept from an earlier run", log)) == 3
     assert len(re.findall(r"epoch +1/1 +train_loss", log)) == 3
     both = json.loads((repo_copy / "reports/crossval/summary.json").read_text())
     block = both["scale_1"]
@@ -121,6 +122,15 @@ def test_crossval_holds_every_image_out_once_and_reports_the_spread(repo_copy: P
     # The second partition deals other folds (the tiny copy has enough groups to differ).
     folds = per_image[per_image["scale"] == 1].pivot_table(index="image", columns="seed", values="fold")
     assert not folds[seed].equals(folds[seed + 1])
+
+    # A change that reaches the folds' tuning but not their training: every fold's model comes
+    # from its resume state and is tuned and scored again; nothing trains.
+    _set(repo_copy, {"inference.min_area_grid": [0, 8]})
+    retuned = run(["dvc", "repro", "crossval"], repo_copy)
+    log = retuned.stdout + retuned.stderr
+    assert "kept from an earlier run" not in log and "scored with different params" in log
+    assert len(re.findall(r"resuming after the last epoch 1/1", log)) == 6
+    assert not re.search(r"epoch +1/1 +train_loss", log)
 
 
 def test_a_size_normalised_distance_model_exports_and_predicts(repo_copy: Path):

@@ -12,7 +12,7 @@ like train's): an interrupted run continues where it stopped, and unlike train's
 kept after the run, so a rerun that changes only what does not reach training (the
 inference grids, crossval.scales, crossval.subsets) retrains nothing. Each finished fold's
 result is kept beside it (segflow.evaluate.foldstore), so a rerun retunes and rescores only
-the folds whose inference params, scales, images or code changed.
+the folds whose base, train or inference params, scales, images or code changed.
 """
 
 from __future__ import annotations

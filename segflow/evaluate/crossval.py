@@ -112,9 +112,9 @@ def run_fold(
     finished state whose fingerprint still matches (same base and train params, images,
     fold and training code) gives its model back without training again. The fold's result
     is kept there too (resume_dir/fold<i>.result.npz, see segflow.evaluate.foldstore): a
-    rerun whose inference params, scales, images and code still match takes it without
-    tuning or scoring again. params.base.seed is the partition's seed (with_seed): it seeds
-    training and names the fold in the log.
+    rerun whose base, train and inference params, scales, images and code still match takes
+    it without training, tuning or scoring again. params.base.seed is the partition's seed
+    (with_seed): it seeds training and names the fold in the log.
     """
     roles = fold_roles(fold, len(samples))
     train = [s for f in roles["train"] for s in samples[f]]
@@ -178,13 +178,15 @@ def _kept_result(
 ) -> FoldResult | None:
     """The fold's result as an earlier run kept it in resume_dir, if it still holds; else None."""
     path = foldstore.result_path(resume_dir, fold)
-    scaled = {scale: rescaled(held_out, scale) for scale in params.crossval.scales}
-    result = foldstore.load_result(path, prints, scaled)
+    result = foldstore.load_result(path, prints, lambda scale: rescaled(held_out, scale))
     if result is not None:
         for scale in params.crossval.scales:
+            at_true_size = (
+                f"; at true diameters {_brief(result.known[scale])}" if scale in result.known else ""
+            )
             log.info(
-                "fold %d held-out, scale %g: %s (seed %d; kept from an earlier run in %s)",
-                fold, scale, _brief(result.scores[scale]), params.base.seed, path,
+                "fold %d held-out, scale %g: %s%s (seed %d; kept from an earlier run in %s)",
+                fold, scale, _brief(result.scores[scale]), at_true_size, params.base.seed, path,
             )  # fmt: skip
     return result
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -33,7 +34,9 @@ RESULT_FORMAT = 1
 # The code that decides a fold's result: the cross-validation module and all it imports
 # (training, inference, tuning, scoring), computed from the source by segflow.codebase.
 FOLD_MODULE = "segflow.evaluate.crossval"
-LIBRARIES = (*resume.LIBRARIES, "scipy", "scikit-image", "opencv-python-headless")
+# Beside training's libraries, those that post-process (scipy, scikit-image, OpenCV) and score
+# (pycocotools computes every AP).
+LIBRARIES = (*resume.LIBRARIES, "scipy", "scikit-image", "opencv-python-headless", "pycocotools")
 _ARRAYS = ("logits", "probability", "mask", "instances", "interior", "centres")
 
 
@@ -57,7 +60,10 @@ def fingerprint(params: Params, images: dict[str, list[Sample]]) -> dict[str, st
     """Hashes of what a kept fold result must match, by part (so a mismatch can be named).
 
     Left out: crossval.subsets and crossval.seeds, which only decide what is summarised and
-    which partitions run, and train.threads, which only reorders float sums.
+    which partitions run (a partition's seed is base.seed here), train.threads, which only
+    reorders float sums, and train.distributed, which only the train stage reads (a fold
+    trains in this process). Unlike training's resume state, train.early_stopping and
+    train.size_head count: they decide the fold's model and its size estimates.
 
     Args:
         params: the partition's params (base.seed is its seed).
@@ -65,14 +71,16 @@ def fingerprint(params: Params, images: dict[str, list[Sample]]) -> dict[str, st
     """
     settings = {
         "base": params.base.model_dump(mode="json"),
-        "train": params.train.model_dump(mode="json", exclude={"threads"}),
+        "train": params.train.model_dump(mode="json", exclude={"threads", "distributed"}),
         "inference": params.inference.model_dump(mode="json"),
         "folds": params.crossval.folds,
         "scales": params.crossval.scales,
     }
     return {
         "params": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
-        # Every field of the fold's samples, pixels included, as training's resume state hashes them.
+        # Every field of the fold's samples, pixels included, hashed as training's resume state
+        # hashes them (through its public fingerprint: resume.py belongs to the train stage's
+        # deps, which an edit there would send back to training).
         "data": resume.fingerprint(params, {}, images)["data"],
         "code": code_hash(),
     }
@@ -101,9 +109,9 @@ def result_path(resume_dir: Path, fold: int) -> Path:
 def save_result(path: Path, result: FoldResult, prints: dict[str, str]) -> None:
     """Write the result atomically (temporary file, fsync, rename) as one .npz: the held-out
     predictions as arrays, the rest as JSON (nothing pickled)."""
-    arrays, predictions = {}, {}
+    arrays, predictions = {}, []
     for scale, (_, preds) in result.held_out.items():
-        predictions[str(scale)] = [p.object_score for p in preds]
+        predictions.append([scale, [p.object_score for p in preds]])
         for i, p in enumerate(preds):
             for name in _ARRAYS:
                 if getattr(p, name) is not None:
@@ -118,44 +126,56 @@ def save_result(path: Path, result: FoldResult, prints: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as handle:
-        np.savez(handle, meta=np.array(json.dumps(meta, default=_plain)), **arrays)
+        np.savez_compressed(handle, meta=np.array(json.dumps(meta, default=_plain)), **arrays)
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
 
 
-def load_result(path: Path, prints: dict[str, str], held_out: dict[float, list[Sample]]) -> FoldResult | None:
-    """The kept result if it belongs to this run, its held-out samples (by scale, as the
-    fold scored them) put back beside its predictions; None (saying why) otherwise."""
+def load_result(
+    path: Path, prints: dict[str, str], samples_at: Callable[[float], list[Sample]]
+) -> FoldResult | None:
+    """The kept result if it belongs to this run, else None (saying why).
+
+    Args:
+        prints: this run's fingerprint of the fold.
+        samples_at: scale -> the fold's held-out samples at that scale, as the fold scored
+            them; called only for a result that holds, to put them back beside its predictions.
+    """
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
             meta = json.loads(str(stored["meta"]))
+            if not _belongs(path, meta, prints):
+                return None
+            # Read only now: a result of other params is hundreds of MB never used.
             arrays = {name: stored[name] for name in stored.files if name != "meta"}
     except Exception as exc:  # truncated by a full disk, not an .npz, ...
         log.warning("crossval: ignoring %s: it cannot be read (%s: %s)", path, type(exc).__name__, exc)
         return None
-    if meta.get("format") != RESULT_FORMAT:
-        log.warning("crossval: ignoring %s: format %s is not %s", path, meta.get("format"), RESULT_FORMAT)
-        return None
-    changed = [part for part, digest in prints.items() if meta["fingerprint"].get(part) != digest]
-    if changed:
-        log.info("crossval: not reusing %s: it was scored with different %s", path, ", ".join(changed))
-        return None
     kept = meta["result"]
     kept["scores"], kept["known"] = _from_scale(kept["scores"]), _from_scale(kept["known"])
     result = FoldResult(**kept)
-    for scale, samples in held_out.items():
-        scores = meta["object_scores"][str(scale)]
+    for scale, scores in meta["object_scores"]:
         predictions = [
-            Prediction(
-                **{name: arrays.get(f"{scale}/{i}/{name}") for name in _ARRAYS}, object_score=scores[i]
-            )
-            for i in range(len(samples))
+            Prediction(**{name: arrays.get(f"{scale}/{i}/{name}") for name in _ARRAYS}, object_score=score)
+            for i, score in enumerate(scores)
         ]
-        result.held_out[scale] = (samples, predictions)
+        result.held_out[float(scale)] = (samples_at(float(scale)), predictions)
     return result
+
+
+def _belongs(path: Path, meta: dict, prints: dict[str, str]) -> bool:
+    """Whether a kept result's format and fingerprint are this run's (saying why not)."""
+    if meta.get("format") != RESULT_FORMAT:
+        log.warning("crossval: ignoring %s: format %s is not %s", path, meta.get("format"), RESULT_FORMAT)
+        return False
+    changed = [part for part, digest in prints.items() if meta.get("fingerprint", {}).get(part) != digest]
+    if changed:
+        log.info("crossval: not reusing %s: it was scored with different %s", path, ", ".join(changed))
+        return False
+    return True
 
 
 def _by_scale(scores: dict[float, dict]) -> list:

@@ -3,7 +3,6 @@ the run it belongs to."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 
@@ -42,21 +41,23 @@ _SCORER = {
 }
 
 
-def _prediction(sample: Sample, with_centres: bool) -> Prediction:
+def _prediction(sample: Sample, distance: bool) -> Prediction:
+    """A distance model's prediction (centres, a learned score) or a watershed model's (interior)."""
     probability = np.where(sample.mask > 0, 0.9, 0.1).astype(np.float32)
-    centres = np.where(sample.instances > 0, 0.7, 0.0).astype(np.float32) if with_centres else None
-    score = _SCORER if with_centres else None
+    seeds = np.where(sample.instances > 0, 0.7, 0.0).astype(np.float32)
     logits = np.log(probability / (1 - probability)).astype(np.float32)
     instances = sample.instances.copy()
     instances[instances == 2] = 0  # one object missed: the scores are not all 1
-    return Prediction(logits, probability, sample.mask.copy(), instances, None, centres, score)
+    if distance:
+        return Prediction(logits, probability, sample.mask.copy(), instances, None, seeds, _SCORER)
+    return Prediction(logits, probability, sample.mask.copy(), instances, seeds)
 
 
 def _fold(params, held_out: list[Sample]) -> FoldResult:
     held, scores, known = {}, {}, {}
     for scale in params.crossval.scales:
         images = rescaled(held_out, scale)
-        predictions = [_prediction(s, with_centres=i == 0) for i, s in enumerate(images)]
+        predictions = [_prediction(s, distance=i == 0) for i, s in enumerate(images)]
         held[scale] = (images, predictions)
         scores[scale] = score_predictions(predictions, images, ["background", "cell"], "held_out").summary
         known[scale] = scores[scale] | {"ap50": np.float64(0.5)}  # as if at the true sizes
@@ -78,7 +79,7 @@ def fold(tmp_path):
 
 
 def _held(params, images):
-    return {scale: rescaled(images["held_out"], scale) for scale in params.crossval.scales}
+    return lambda scale: rescaled(images["held_out"], scale)
 
 
 def test_a_kept_result_comes_back_whole(fold):
@@ -86,23 +87,27 @@ def test_a_kept_result_comes_back_whole(fold):
     assert path.name == "fold1.result.npz" and path.is_file()
     back = load_result(path, fingerprint(params, images), _held(params, images))
     assert (back.fold, back.seed, back.epochs, back.train_seconds) == (1, 42, 7, 12.5)
-    assert back.chosen == result.chosen and back.rows == json.loads(json.dumps(result.rows, default=float))
-    assert set(back.scores) == {1.0, 0.5} and back.scores[1.0] == pytest.approx(result.scores[1.0])
-    assert back.known[0.5]["ap50"] == 0.5
+    assert back.chosen == result.chosen and back.rows == result.rows
+    assert back.scores == result.scores and back.known == result.known
+    assert isinstance(back.rows[0]["ap50"], float) and set(back.scores) == {1.0, 0.5}
     for scale in (1.0, 0.5):
         (samples, predictions), (kept_samples, kept_predictions) = (
             result.held_out[scale],
             back.held_out[scale],
         )
         assert [s.id for s in kept_samples] == [s.id for s in samples]
+        assert [s.image.shape for s in kept_samples] == [s.image.shape for s in samples]
         for p, q in zip(predictions, kept_predictions, strict=True):
-            for name in ("logits", "probability", "mask", "instances"):
-                np.testing.assert_array_equal(getattr(q, name), getattr(p, name))
-                assert getattr(q, name).dtype == getattr(p, name).dtype
-            assert q.interior is None and (q.centres is None) == (p.centres is None)
-        assert kept_predictions[0].object_score == json.loads(
-            json.dumps(_SCORER, default=lambda v: v.tolist())
-        )
+            for name in ("logits", "probability", "mask", "instances", "interior", "centres"):
+                if getattr(p, name) is None:
+                    assert getattr(q, name) is None
+                else:
+                    np.testing.assert_array_equal(getattr(q, name), getattr(p, name))
+                    assert getattr(q, name).dtype == getattr(p, name).dtype
+        distance, watershed = kept_predictions
+        assert distance.interior is None and watershed.centres is None and watershed.object_score is None
+        for key, value in _SCORER.items():
+            assert distance.object_score[key] == (list(value) if key == "features" else pytest.approx(value))
     # Pooled and summarised scores from a kept result are those of the result it kept.
     summaries = [summarize_folds([r], [1.0, 0.5], ["background", "cell"]) for r in (result, back)]
     assert summaries[0] == summaries[1]
@@ -115,6 +120,9 @@ def test_a_kept_result_comes_back_whole(fold):
         ({"crossval": {"folds": 3, "scales": [1.0]}}, "params"),
         ({"train": {"epochs": 3}}, "params"),
         ({"base": {"seed": 7}}, "params"),
+        # Training's resume state ignores these two; a fold's result cannot: they decide its model.
+        ({"train": {"early_stopping": 3}}, "params"),
+        ({"train": {"size_head": False}}, "params"),
     ],
 )
 def test_a_result_scored_otherwise_is_not_reused(fold, change, part, caplog):
@@ -157,4 +165,6 @@ def test_a_damaged_result_is_ignored_with_a_warning(fold, caplog):
     path.write_bytes(path.read_bytes()[:100])  # a run killed mid-write on a full disk
     assert load_result(path, fingerprint(params, images), _held(params, images)) is None
     assert "cannot be read" in caplog.text
-    assert load_result(path.with_name("fold9.result.npz"), {}, {}) is None  # none kept: no message
+    caplog.clear()
+    assert load_result(path.with_name("fold9.result.npz"), {}, _held(params, images)) is None
+    assert caplog.text == ""  # none kept: nothing to say

@@ -122,7 +122,7 @@ def run_fold(
     seed = params.base.seed
     if resume_dir is not None:
         prints = foldstore.fingerprint(params, {"train": train, "val": val, "held_out": held_out})
-        earlier = _kept_result(params, fold, held_out, resume_dir, prints)
+        earlier = _kept_result(fold, held_out, resume_dir, prints)
         if earlier is not None:
             return earlier
     log.info(
@@ -159,36 +159,33 @@ def run_fold(
         k: getattr(prep, k)
         for k in ("threshold", "seed_threshold", "seed_prominence", "min_area", "tta", "diameter_choices")
     } | {"object_score": "learned" if prep.object_score else "rule"}
-    # Each fold's result as it lands: a run of an hour shows early where it is heading.
-    minutes = (time.perf_counter() - started) / 60
-    for scale in params.crossval.scales:
-        at_true_size = f"; at true diameters {_brief(known[scale])}" if scale in known else ""
-        log.info(
-            "fold %d held-out, scale %g: %s%s (seed %d; %.1f min now; its model's training took %.1f min)",
-            fold, scale, _brief(scores[scale]), at_true_size, seed, minutes, seconds / 60,
-        )  # fmt: skip
     result = FoldResult(fold, scores, rows, chosen, len(history), seconds, kept, known, seed)
+    minutes = (time.perf_counter() - started) / 60
+    _log_fold(result, f"{minutes:.1f} min now; its model's training took {seconds / 60:.1f} min")
     if resume_dir is not None:
         foldstore.save_result(foldstore.result_path(resume_dir, fold), result, prints)
     return result
 
 
 def _kept_result(
-    params: Params, fold: int, held_out: list[Sample], resume_dir: Path, prints: dict[str, str]
+    fold: int, held_out: list[Sample], resume_dir: Path, prints: dict[str, str]
 ) -> FoldResult | None:
     """The fold's result as an earlier run kept it in resume_dir, if it still holds; else None."""
     path = foldstore.result_path(resume_dir, fold)
     result = foldstore.load_result(path, prints, lambda scale: rescaled(held_out, scale))
     if result is not None:
-        for scale in params.crossval.scales:
-            at_true_size = (
-                f"; at true diameters {_brief(result.known[scale])}" if scale in result.known else ""
-            )
-            log.info(
-                "fold %d held-out, scale %g: %s%s (seed %d; kept from an earlier run in %s)",
-                fold, scale, _brief(result.scores[scale]), at_true_size, params.base.seed, path,
-            )  # fmt: skip
+        _log_fold(result, f"kept from an earlier run in {path}")
     return result
+
+
+def _log_fold(result: FoldResult, note: str) -> None:
+    """Each fold's result as it lands, per scale: a run of an hour shows early where it is heading."""
+    for scale, scores in result.scores.items():
+        at_true_size = f"; at true diameters {_brief(result.known[scale])}" if scale in result.known else ""
+        log.info(
+            "fold %d held-out, scale %g: %s%s (seed %d; %s)",
+            result.fold, scale, _brief(scores), at_true_size, result.seed, note,
+        )  # fmt: skip
 
 
 def _brief(scores: dict) -> str:

@@ -210,6 +210,10 @@ class TrainParams(_Section):
     dice_weight: float = Field(0.5, ge=0, le=1)
     crop_size: int | None = Field(192, ge=32)
     crops_per_image: int = Field(1, ge=1)  # random crops per training image per epoch (large images: more)
+    # How an epoch's crops are dealt over the images (segflow.train.dataset.crop_order): "uniform",
+    # crops_per_image from each; "contacts", one from each and the rest in proportion to each
+    # image's pixels where two objects touch, since that is where instance models merge neighbours.
+    crop_sampling: Literal["uniform", "contacts"] = "uniform"
     threads: int = Field(2, ge=1)
     # How the loop computes (segflow.train.precision): bfloat16 autocast where the CPU has it.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -592,6 +596,12 @@ class Params(_Section):
                 "which only watershed and distance models learn from instance ids (these params give a "
                 "components model); set inference.instances: distance (or watershed) with instance masks, "
                 "or train.border_weight: 0"
+            )
+        if self.train.crop_sampling == "contacts" and not self.has_instance_ids():
+            raise ValueError(
+                "train.crop_sampling contacts deals crops by where objects touch, which needs instance "
+                f"ids, but ingest.format {ingest.format} with mask_kind {ingest.mask_kind} gives class "
+                "masks only; set train.crop_sampling: uniform"
             )
         if self.train.diameter and not self.has_instance_ids():
             raise ValueError(

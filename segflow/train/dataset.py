@@ -4,6 +4,8 @@ and optionally where touching objects meet, which the loss weighs more)."""
 
 from __future__ import annotations
 
+import logging
+
 import cv2
 import numpy as np
 
@@ -15,6 +17,8 @@ from segflow.core.sizes import median_diameter, resize_image, resize_labels, sca
 from segflow.data.samples import Sample
 from segflow.errors import UserError
 from segflow.runtime import offline_env
+
+log = logging.getLogger(__name__)
 
 
 def data_diameter(samples: list[Sample]) -> float:
@@ -91,21 +95,56 @@ class AugmentedDataset:
         interior_margin: int,
         repeats: int = 1,
         borders: bool = False,
+        sampling: str = "uniform",
     ):
-        self.samples, self.augment, self.prep, self.repeats = samples, augment, prep, repeats
+        self.samples, self.augment, self.prep = samples, augment, prep
         # Interior targets come from whole images, so a crop's border is not taken for an edge.
         self.labels = [sample_labels(s, prep, interior_margin, borders) for s in samples]
+        # Which image each item of an epoch crops (each item is another random crop).
+        self.order = crop_order(samples, repeats, sampling, interior_margin)
 
     def __len__(self) -> int:
-        return len(self.samples) * self.repeats  # each repeat is another random crop
+        return len(self.order)
 
     def __getitem__(self, i: int):
-        i %= len(self.samples)
+        i = self.order[i]
         s = self.samples[i]
         # Intensities are scaled exactly as inference scales them, then augmented as floats.
         out = self.augment(image=scale_intensity(s.image, self.prep), mask=self.labels[i])
         x = standardize(out["image"], self.prep)  # (C, h, w) float32
         return x, loss_targets(out["mask"], len(self.prep.classes))
+
+
+def crop_order(samples: list[Sample], repeats: int, sampling: str, radius: int) -> list[int]:
+    """The sample index of each of an epoch's len(samples) x repeats crops.
+
+    "uniform": every image `repeats` times (0, 1, ..., n-1, 0, 1, ...). "contacts": every image
+    once, and the other n x (repeats - 1) crops in proportion to each image's touching_band
+    pixels (largest remainders rounded up), so an image of many touching objects is cropped
+    often and one of a few isolated objects once. Same epoch length, so the same steps.
+    """
+    n = len(samples)
+    if sampling == "uniform":
+        return list(range(n)) * repeats
+    if any(s.instances is None for s in samples):
+        raise UserError(
+            "train.crop_sampling contacts needs instance ids in every training image; set it to uniform"
+        )
+    touching = np.array([touching_band(s.instances, radius).sum() for s in samples], float)
+    extra = n * (repeats - 1)
+    if not touching.sum():
+        log.warning(
+            "train.crop_sampling contacts: no objects touch in any training image; crops dealt uniformly"
+        )
+        return list(range(n)) * repeats
+    share = touching / touching.sum() * extra
+    counts = np.floor(share).astype(int)
+    counts[np.argsort(counts - share, kind="stable")[: extra - counts.sum()]] += 1  # largest remainders
+    log.info(
+        "crops per epoch, by where objects touch: %s",
+        {s.id: 1 + int(c) for s, c in zip(samples, counts, strict=True)},
+    )
+    return [i for i in range(n) for _ in range(1 + counts[i])]
 
 
 def sample_labels(

@@ -137,6 +137,7 @@ def _train(params, train, val, checkpoint_path, on_epoch, resume_path) -> list[d
         cfg.interior_margin,
         cfg.crops_per_image,
         cfg.border_weight > 0,
+        cfg.crop_sampling,
     )
     loader = _loader(dataset, distributed.check_batch(cfg.batch_size, world.size), params.base.seed, world)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.lr, cfg.epochs * len(loader))
